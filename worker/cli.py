@@ -1,0 +1,173 @@
+"""``clinic-migrate``: the worker's command line, run on the legacy host.
+
+Parameters arrive as argv; secrets (database URLs) and the Dagster Pipes bootstrap arrive as one
+JSON object on stdin, so no password ever shows in ``ps`` or a shell history. Results go back as
+Pipes messages on stdout; everything else it prints is redacted first.
+
+Exit codes: 0 done, 2 bad parameters, 3 a database could not be reached, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Sequence
+from contextlib import ExitStack
+from typing import Any
+
+from dagster_pipes import PipesContext, PipesMappingParamsLoader, open_dagster_pipes
+from sqlalchemy import select
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from worker import schema
+from worker.engine import Counts, Migration, Result
+from worker.params import ENTITIES, MODES, InvalidParameters, RunParameters, validate
+from worker.redact import redact
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_PARAMETERS, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+class Reporter:
+    """Talks to Dagster through Pipes when run by Dagster, to stderr/stdout when run by hand."""
+
+    def __init__(self, pipes: PipesContext | None) -> None:
+        self.pipes = pipes
+
+    def log(self, message: str) -> None:
+        if self.pipes is not None:
+            self.pipes.log.info(redact(message))
+        else:
+            print(redact(message), file=sys.stderr, flush=True)
+
+    def progress(self, counts: Counts) -> None:
+        if self.pipes is not None:
+            self.pipes.report_custom_message({"progress": counts.as_dict()})
+        else:
+            print(json.dumps({"progress": counts.as_dict()}), file=sys.stderr, flush=True)
+
+    def materialization(self, metadata: dict[str, Any]) -> None:
+        if self.pipes is not None:
+            self.pipes.report_asset_materialization(metadata=metadata)
+        else:
+            print(json.dumps(metadata, sort_keys=True), flush=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clinic-migrate", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    migrate = commands.add_parser("migrate", help="migrate one entity of one sistema")
+    migrate.add_argument("--entity", required=True, choices=ENTITIES)
+    migrate.add_argument("--sistema", required=True)
+    migrate.add_argument("--usuario", required=True)
+    migrate.add_argument("--run-id", required=True)
+    migrate.add_argument("--mode", default="full", choices=MODES)
+    migrate.add_argument("--dry-run", action="store_true")
+    migrate.add_argument("--pract-source", type=int)
+    migrate.add_argument("--pract-target", type=int)
+    migrate.add_argument("--batch-size", type=int, default=2000)
+    commands.add_parser("sistemas", help="print the codes of the active sistemas as JSON")
+    return parser
+
+
+def _metadata(result: Result, params: RunParameters) -> dict[str, Any]:
+    counts = result.counts
+    quarantined = dict(sorted(counts.quarantined.items()))
+    return {
+        "entity": params.entity,
+        "sistema": params.sistema,
+        "mode": result.mode,
+        "dry_run": params.dry_run,
+        "rows_read": counts.read,
+        "inserted": counts.inserted,
+        "updated": counts.updated,
+        "unchanged": counts.unchanged,
+        "deleted": counts.deleted,
+        "migrated": counts.migrated,
+        "quarantined": sum(quarantined.values()),
+        "quarantined_by_reason": quarantined,
+        "resumed_from_run": result.resumed_from or "",
+        "duration_s": round(result.seconds, 3),
+        "rows_per_s": round(counts.read / result.seconds, 1) if result.seconds > 0 else 0.0,
+    }
+
+
+def _migrate(args: argparse.Namespace, secrets: dict[str, Any], reporter: Reporter) -> int:
+    params = validate(
+        RunParameters(
+            entity=args.entity,
+            sistema=args.sistema,
+            usuario=args.usuario,
+            run_id=args.run_id,
+            mode=args.mode,
+            dry_run=args.dry_run,
+            pract_source=args.pract_source,
+            pract_target=args.pract_target,
+            batch_size=args.batch_size,
+        )
+    )
+    target = schema.make_engine(secrets["target_db_url"])
+    state_url = secrets.get("state_db_url") or secrets["target_db_url"]
+    state = target if state_url == secrets["target_db_url"] else schema.make_engine(state_url)
+    migration = Migration(
+        params, schema.make_engine(secrets["legacy_db_url"]), target, state, log=reporter.log, progress=reporter.progress
+    )
+    result = migration.run()
+    reporter.materialization(_metadata(result, params))
+    return EXIT_OK
+
+
+def _sistemas(secrets: dict[str, Any]) -> int:
+    s = schema.sistemas
+    with schema.make_engine(secrets["legacy_db_url"]).connect() as conn:
+        codes = conn.scalars(select(s.c.codigo).where(s.c.activo == 1).order_by(s.c.codigo)).all()
+    print(json.dumps({"sistemas": list(codes)}), flush=True)
+    return EXIT_OK
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds: open transactions roll back, connections close
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # one Pipes message per line, now
+    signal.signal(signal.SIGTERM, _terminate)
+    args = _parser().parse_args(argv)
+    try:
+        secrets = json.loads(sys.stdin.read() or "{}")
+    except json.JSONDecodeError:
+        print("stdin must be one JSON object with the database URLs", file=sys.stderr)
+        return EXIT_BAD_PARAMETERS
+    pipes_params = secrets.pop("pipes", None)
+    with ExitStack() as stack:
+        pipes = (
+            stack.enter_context(open_dagster_pipes(params_loader=PipesMappingParamsLoader(pipes_params)))
+            if pipes_params
+            else None
+        )
+        reporter = Reporter(pipes)
+        try:
+            if args.command == "sistemas":
+                return _sistemas(secrets)
+            return _migrate(args, secrets, reporter)
+        except InvalidParameters as problem:
+            print(f"VALIDATION_ERROR: {problem}", file=sys.stderr, flush=True)
+            return EXIT_BAD_PARAMETERS
+        except KeyError as missing:
+            print(f"VALIDATION_ERROR: stdin JSON lacks {missing}", file=sys.stderr, flush=True)
+            return EXIT_BAD_PARAMETERS
+        except (OperationalError, InterfaceError) as problem:
+            if problem.connection_invalidated or "connect" in str(problem.orig).lower():
+                print(f"CONNECTION_ERROR: {redact(str(problem.orig))}", file=sys.stderr, flush=True)
+                return EXIT_UNREACHABLE
+            print(f"SCRIPT_ERROR: {type(problem).__name__}: {redact(str(problem.orig))}", file=sys.stderr, flush=True)
+            return EXIT_FAILED
+        except Exception as problem:  # noqa: BLE001 - the last line of the worker: report, redacted
+            print(f"SCRIPT_ERROR: {type(problem).__name__}: {redact(str(problem))}", file=sys.stderr, flush=True)
+            return EXIT_FAILED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

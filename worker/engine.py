@@ -1,0 +1,474 @@
+"""Migrate one entity of one sistema: stream, transform (§6), write, account for every row.
+
+The source is read in legacy-id order through a server-side cursor, one batch at a time, so
+memory depends on the batch size, never on the table. Every batch is one transaction on the
+target: deletions, a COPY-staged upsert, the ledger (with the overwritten version), the
+quarantine and a checkpoint. A killed run leaves the last committed checkpoint; the next run
+with the same parameters resumes after it, and upserts keyed by (sistema, legacy_id) make a
+replayed batch harmless.
+
+In a *full* run each batch also owns the legacy-id range since the previous batch, so target
+rows whose source is gone, soft-deleted or now quarantined are deleted as the run passes them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from typing import Any
+
+from sqlalchemy import Connection, Engine, RowMapping, Table, and_, delete, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from worker import rules, schema, store
+from worker.params import RunParameters
+
+LOWEST = -(2**62)
+HIGHEST = 2**62
+DUPLICATE_DETAIL = "a lower legacy id of the sistema holds the same document"
+SOURCES: dict[str, Table] = {"patients": schema.pacientes, "encounters": schema.atenciones}
+
+
+@dataclass
+class Counts:
+    read: int = 0
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    quarantined: Counter[str] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "read": self.read,
+            "inserted": self.inserted,
+            "updated": self.updated,
+            "unchanged": self.unchanged,
+            "deleted": self.deleted,
+            "quarantined": dict(sorted(self.quarantined.items())),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Counts:
+        return cls(**{**data, "quarantined": Counter(data.get("quarantined", {}))})
+
+    @property
+    def migrated(self) -> int:
+        return self.inserted + self.updated + self.unchanged
+
+
+@dataclass
+class Outcome:
+    """What a batch decided: records to hold in the target, rows to quarantine, rows to evict."""
+
+    records: dict[int, dict[str, Any]] = field(default_factory=dict)
+    quarantined: dict[int, rules.Quarantined] = field(default_factory=dict)
+    evicted: list[RowMapping] = field(default_factory=list)
+
+
+@dataclass
+class Result:
+    counts: Counts
+    mode: str
+    resumed_from: str | None
+    watermark: datetime | None
+    seconds: float
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Migration:
+    """One run of one entity over one sistema."""
+
+    def __init__(
+        self,
+        params: RunParameters,
+        legacy: Engine,
+        target: Engine,
+        state: Engine | None = None,
+        *,
+        today: date | None = None,
+        log: Callable[[str], None] = lambda _: None,
+        progress: Callable[[Counts], None] = lambda _: None,
+    ) -> None:
+        self.params = params
+        self.legacy = legacy
+        self.target = target
+        self.state = state if state is not None else target
+        self.same_db = self.state is target or str(self.state.url) == str(target.url)
+        self.today = today or date.today()
+        self.log = log
+        self.progress = progress
+        self.source = SOURCES[params.entity]
+        self.table = schema.TARGETS[params.entity]
+
+    # --- the run -------------------------------------------------------------------------
+
+    def run(self) -> Result:
+        started = time.monotonic()
+        schema.create_schemas(self.target, schema.target_metadata)
+        schema.create_schemas(self.state, schema.state_metadata)
+        p = self.params
+        with self.state.begin() as conn:
+            checkpoint = None if p.dry_run else self._resumable_checkpoint(conn)
+            since = self._last_watermark(conn) if p.mode == "incremental" else None
+        mode = "incremental" if since is not None else "full"
+        if p.mode == "incremental" and since is None:
+            self.log("no earlier successful run: this incremental run sweeps the whole sistema")
+        counts = Counts.from_dict(checkpoint["counts"]) if checkpoint else Counts()
+        watermark = checkpoint["watermark"] if checkpoint else self._source_watermark()
+        after = checkpoint["last_legacy_id"] if checkpoint else LOWEST
+        resumed_from = checkpoint["run_id"] if checkpoint else None
+        if resumed_from:
+            self.log(f"resuming after legacy id {after}, checkpointed by run {resumed_from}")
+        self._record_run_start(mode, resumed_from)
+        try:
+            with self.legacy.connect() as source, self.target.connect() as target:
+                state = target if self.same_db else self.state.connect()
+                try:
+                    self._migrate(source, target, state, mode, since, after, counts, watermark)
+                    if p.dry_run:
+                        target.rollback()
+                        state.rollback()
+                finally:
+                    if state is not target:
+                        state.close()
+        except BaseException:
+            self._record_run_end("failed", counts, None)
+            raise
+        self._record_run_end("succeeded", counts, watermark)
+        return Result(counts, mode, resumed_from, watermark, time.monotonic() - started)
+
+    def _migrate(
+        self,
+        source: Connection,
+        target: Connection,
+        state: Connection,
+        mode: str,
+        since: datetime | None,
+        after: int,
+        counts: Counts,
+        watermark: datetime | None,
+    ) -> None:
+        last_report = time.monotonic()
+        lo = after
+        for rows in self._stream(source, after, since):
+            hi = rows[-1]["id"]
+            self._apply_batch(target, state, rows, mode, lo, hi, counts)
+            lo = hi
+            self._checkpoint(state, hi, counts, watermark, "running")
+            self._commit(target, state)
+            if time.monotonic() - last_report >= 5:
+                self.progress(counts)
+                last_report = time.monotonic()
+        if mode == "full":  # the tail: target rows past the last eligible source row
+            self._apply_batch(target, state, [], mode, lo, HIGHEST, counts)
+        self._checkpoint(state, lo, counts, watermark, "done")
+        self._commit(target, state)
+        self.progress(counts)
+
+    def _commit(self, target: Connection, state: Connection) -> None:
+        if self.params.dry_run:
+            return
+        target.commit()
+        if state is not target:
+            state.commit()
+
+    # --- source --------------------------------------------------------------------------
+
+    def _stream(self, source: Connection, after: int, since: datetime | None) -> Iterator[Sequence[RowMapping]]:
+        """Batches of source rows in id order. Incremental runs see soft-deleted rows too."""
+        t = self.source
+        query = select(t).where(t.c.sistema == self.params.sistema, t.c.id > after).order_by(t.c.id)
+        if since is None:
+            query = query.where(t.c.eliminado == 0)
+        else:
+            query = query.where(t.c.actualizado_en >= since.replace(tzinfo=None))
+        result = source.execution_options(stream_results=True, yield_per=self.params.batch_size).execute(query)
+        yield from result.mappings().partitions()
+
+    def _source_watermark(self) -> datetime | None:
+        t = self.source
+        with self.legacy.connect() as conn:
+            latest = conn.scalar(select(func.max(t.c.actualizado_en)).where(t.c.sistema == self.params.sistema))
+        return rules.coerce_datetime(latest)
+
+    # --- one batch -----------------------------------------------------------------------
+
+    def _apply_batch(
+        self,
+        target: Connection,
+        state: Connection,
+        rows: Sequence[RowMapping],
+        mode: str,
+        lo: int,
+        hi: int,
+        counts: Counts,
+    ) -> None:
+        p = self.params
+        t = self.table
+        eligible = [r for r in rows if not r["eliminado"]]
+        counts.read += len(rows)
+        outcome = self._decide(target, eligible)
+        batch_ids = [r["id"] for r in rows]
+        scope = (
+            and_(t.c.legacy_id > lo, t.c.legacy_id <= hi)
+            if mode == "full"
+            else t.c.legacy_id.in_(batch_ids)
+        )
+        existing = {
+            r["legacy_id"]: r
+            for r in target.execute(select(t).where(t.c.sistema == p.sistema, scope)).mappings()
+        }
+        now = utcnow()
+        ledger: list[dict[str, Any]] = []
+
+        def entry(legacy_id: int, action: str, target_id: Any, content: str | None, previous: Any) -> None:
+            ledger.append(
+                {
+                    "entity": p.entity,
+                    "partition_key": p.sistema,
+                    "legacy_id": legacy_id,
+                    "target_id": None if target_id is None else str(target_id),
+                    "action": action,
+                    "content_hash": content,
+                    "previous": previous,
+                    "run_id": p.run_id,
+                    "at": now,
+                }
+            )
+
+        doomed = [row for legacy_id, row in existing.items() if legacy_id not in outcome.records]
+        doomed += [row for row in outcome.evicted if row["legacy_id"] not in existing]
+        if doomed:
+            target.execute(delete(t).where(t.c.id.in_([row["id"] for row in doomed])))
+            for row in doomed:
+                entry(row["legacy_id"], "deleted", row["id"], None, store.jsonable(row))
+            counts.deleted += len(doomed)
+
+        writes: list[dict[str, Any]] = []
+        inserted: list[int] = []
+        for legacy_id, record in outcome.records.items():
+            digest = rules.content_hash(record)
+            old = existing.get(legacy_id)
+            if old is not None and old["content_hash"] == digest:
+                entry(legacy_id, "unchanged", old["id"], digest, None)
+                counts.unchanged += 1
+                continue
+            writes.append({**record, "content_hash": digest, "run_id": p.run_id, "migrated_at": now})
+            if old is None:
+                inserted.append(legacy_id)
+                counts.inserted += 1
+            else:
+                entry(legacy_id, "updated", old["id"], digest, store.jsonable(old))
+                counts.updated += 1
+        store.upsert_rows(target, t, ("sistema", "legacy_id"), writes)
+        if inserted:
+            new_ids = dict(
+                target.execute(
+                    select(t.c.legacy_id, t.c.id).where(t.c.sistema == p.sistema, t.c.legacy_id.in_(inserted))
+                ).all()
+            )
+            hashes = {w["legacy_id"]: w["content_hash"] for w in writes}
+            for legacy_id in inserted:
+                entry(legacy_id, "inserted", new_ids[legacy_id], hashes[legacy_id], None)
+
+        quarantined = dict(outcome.quarantined)
+        for row in outcome.evicted:
+            if row["legacy_id"] not in existing:  # in range but not streamed: no longer eligible
+                quarantined[row["legacy_id"]] = rules.Quarantined(rules.DUPLICATE_DOCUMENT, DUPLICATE_DETAIL)
+        counts.quarantined.update(problem.reason for problem in outcome.quarantined.values())
+        self._write_state(state, ledger, quarantined, mode, lo, hi, batch_ids, now)
+
+    def _write_state(
+        self,
+        state: Connection,
+        ledger: list[dict[str, Any]],
+        quarantined: Mapping[int, rules.Quarantined],
+        mode: str,
+        lo: int,
+        hi: int,
+        batch_ids: Sequence[int],
+        now: datetime,
+    ) -> None:
+        """Ledger rows, and the quarantine as it now stands for the rows this batch covers."""
+        p = self.params
+        q = schema.quarantine
+        store.insert_rows(state, schema.ledger, ledger)
+        covered = and_(q.c.legacy_id > lo, q.c.legacy_id <= hi) if mode == "full" else q.c.legacy_id.in_(batch_ids)
+        mine = and_(q.c.entity == p.entity, q.c.partition_key == p.sistema)
+        state.execute(delete(q).where(mine, covered))
+        if quarantined:
+            state.execute(delete(q).where(mine, q.c.legacy_id.in_(list(quarantined))))
+        store.insert_rows(
+            state,
+            q,
+            [
+                {
+                    "entity": p.entity,
+                    "partition_key": p.sistema,
+                    "legacy_id": legacy_id,
+                    "reason": problem.reason,
+                    "detail": problem.detail,
+                    "run_id": p.run_id,
+                    "created_at": now,
+                }
+                for legacy_id, problem in sorted(quarantined.items())
+            ],
+        )
+
+    def _decide(self, target: Connection, eligible: Sequence[RowMapping]) -> Outcome:
+        if self.params.entity == "patients":
+            return self._decide_patients(target, eligible)
+        return self._decide_encounters(target, eligible)
+
+    def _decide_patients(self, target: Connection, eligible: Sequence[RowMapping]) -> Outcome:
+        outcome = Outcome()
+        for row in eligible:
+            try:
+                outcome.records[row["id"]] = rules.transform_patient(
+                    row, today=self.today, mapping=self.params.mapping
+                )
+            except rules.Quarantined as problem:
+                outcome.quarantined[row["id"]] = problem
+        claims = {legacy_id: record["national_id"] for legacy_id, record in outcome.records.items()}
+        if not claims:
+            return outcome
+        t = self.table
+        holders = {
+            r["national_id"]: r
+            for r in target.execute(
+                select(t).where(
+                    t.c.sistema == self.params.sistema,
+                    t.c.national_id.in_(set(claims.values())),
+                    t.c.legacy_id.not_in([r["id"] for r in eligible]),
+                )
+            ).mappings()
+        }
+        owners, losers = rules.first_claim_wins(claims, {n: r["legacy_id"] for n, r in holders.items()})
+        for legacy_id in losers:
+            del outcome.records[legacy_id]
+            outcome.quarantined[legacy_id] = rules.Quarantined(rules.DUPLICATE_DOCUMENT, DUPLICATE_DETAIL)
+        outcome.evicted = [row for national_id, row in holders.items() if owners[national_id] != row["legacy_id"]]
+        return outcome
+
+    def _decide_encounters(self, target: Connection, eligible: Sequence[RowMapping]) -> Outcome:
+        outcome = Outcome()
+        p = schema.patients
+        wanted = {r["paciente_id"] for r in eligible if r["paciente_id"] is not None}
+        patient_ids = (
+            dict(
+                target.execute(
+                    select(p.c.legacy_id, p.c.id).where(p.c.sistema == self.params.sistema, p.c.legacy_id.in_(wanted))
+                ).all()
+            )
+            if wanted
+            else {}
+        )
+        for row in eligible:
+            try:
+                outcome.records[row["id"]] = rules.transform_encounter(
+                    row, patient_id=patient_ids.get(row["paciente_id"]), mapping=self.params.mapping
+                )
+            except rules.Quarantined as problem:
+                outcome.quarantined[row["id"]] = problem
+        return outcome
+
+    # --- control tables ------------------------------------------------------------------
+
+    def _parameters(self) -> dict[str, Any]:
+        p = self.params
+        return {"mode": p.mode, "pract_source": p.pract_source, "pract_target": p.pract_target}
+
+    def _resumable_checkpoint(self, conn: Connection) -> RowMapping | None:
+        c = schema.checkpoints
+        row = (
+            conn.execute(
+                select(c).where(c.c.entity == self.params.entity, c.c.partition_key == self.params.sistema)
+            )
+            .mappings()
+            .first()
+        )
+        if row is None or row["status"] != "running":
+            return None
+        if row["parameters"] != self._parameters():
+            self.log(f"checkpoint of run {row['run_id']} had other parameters: starting over")
+            return None
+        conn.execute(
+            update(schema.runs)
+            .where(schema.runs.c.run_id == row["run_id"], schema.runs.c.entity == self.params.entity,
+                   schema.runs.c.partition_key == self.params.sistema, schema.runs.c.status == "running")
+            .values(status="interrupted")
+        )  # fmt: skip
+        return row
+
+    def _last_watermark(self, conn: Connection) -> datetime | None:
+        r = schema.runs
+        latest = conn.scalar(
+            select(func.max(r.c.watermark)).where(
+                r.c.entity == self.params.entity,
+                r.c.partition_key == self.params.sistema,
+                r.c.status == "succeeded",
+                r.c.dry_run.is_(False),
+            )
+        )
+        return rules.coerce_datetime(latest)
+
+    def _checkpoint(self, state: Connection, last: int, counts: Counts, watermark: datetime | None, status: str) -> None:
+        if self.params.dry_run:
+            return
+        values = {
+            "entity": self.params.entity,
+            "partition_key": self.params.sistema,
+            "run_id": self.params.run_id,
+            "mode": self.params.mode,
+            "parameters": self._parameters(),
+            "last_legacy_id": last,
+            "counts": counts.as_dict(),
+            "watermark": watermark,
+            "status": status,
+            "updated_at": utcnow(),
+        }
+        dialect = postgresql if state.dialect.name == "postgresql" else sqlite
+        stmt = dialect.insert(schema.checkpoints).values(values)
+        state.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["entity", "partition_key"],
+                set_={k: v for k, v in values.items() if k not in ("entity", "partition_key")},
+            )
+        )
+
+    def _record_run_start(self, mode: str, resumed_from: str | None) -> None:
+        p = self.params
+        values = {
+            "usuario": p.usuario,
+            "parameters": {**self._parameters(), "dry_run": p.dry_run, "effective_mode": mode},
+            "mode": mode,
+            "dry_run": p.dry_run,
+            "status": "running",
+            "resumed_from": resumed_from,
+            "started_at": utcnow(),
+            "finished_at": None,
+            "counts": None,
+            "watermark": None,
+        }
+        r = schema.runs
+        key = and_(r.c.run_id == p.run_id, r.c.entity == p.entity, r.c.partition_key == p.sistema)
+        with self.state.begin() as conn:  # a retried step re-uses its run id
+            if conn.execute(update(r).where(key).values(values)).rowcount == 0:
+                conn.execute(r.insert().values(run_id=p.run_id, entity=p.entity, partition_key=p.sistema, **values))
+
+    def _record_run_end(self, status: str, counts: Counts, watermark: datetime | None) -> None:
+        p = self.params
+        r = schema.runs
+        with self.state.begin() as conn:
+            conn.execute(
+                update(r)
+                .where(r.c.run_id == p.run_id, r.c.entity == p.entity, r.c.partition_key == p.sistema)
+                .values(status=status, counts=counts.as_dict(), watermark=watermark, finished_at=utcnow())
+            )

@@ -1,0 +1,248 @@
+"""Tables: the legacy clinical source (read only), the clinical target, the migration control DB.
+
+The legacy tables mirror shared/legacy/clinical_mariadb.sql column for column; the project only
+reads them, except the demo/test generator, which creates them where no legacy system exists.
+On SQLite the ``clinical`` and ``migration`` schemas are mapped onto the one database file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Date,
+    DateTime,
+    Dialect,
+    Engine,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+)
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+
+class LegacyDateTime(TypeDecorator[Any]):
+    """A legacy DATETIME handed back raw: rules.coerce_datetime reads zero dates and text."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        # SQLite keeps DATETIME as text; reading it raw keeps MariaDB's zero dates readable.
+        return dialect.type_descriptor(String(26) if dialect.name == "sqlite" else DateTime())
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if dialect.name == "sqlite" and value is not None and not isinstance(value, str):
+            return value.isoformat(sep=" ")
+        return value
+
+
+legacy_metadata = MetaData()
+
+sistemas = Table(
+    "sistemas",
+    legacy_metadata,
+    Column("codigo", String(16), primary_key=True),
+    Column("nombre", String(120), nullable=False),
+    Column("activo", Integer, nullable=False, default=1),
+    mysql_charset="utf8mb4",
+)
+
+profesionales = Table(
+    "profesionales",
+    legacy_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("sistema", String(16), nullable=False),
+    Column("nombre", String(120), nullable=False),
+    Column("registro", String(32)),
+    mysql_charset="utf8mb4",
+)
+
+pacientes = Table(
+    "pacientes",
+    legacy_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("sistema", String(16), nullable=False, index=True),
+    Column("documento", String(32)),
+    Column("tipo_documento", String(8)),
+    Column("nombres", String(120)),
+    Column("apellidos", String(120)),
+    Column("fecha_nacimiento", String(20)),
+    Column("sexo", String(1)),
+    Column("email", String(255)),
+    Column("telefono", String(40)),
+    Column("profesional_id", Integer),
+    Column("creado_en", LegacyDateTime),
+    Column("actualizado_en", LegacyDateTime, index=True),
+    Column("eliminado", Integer, nullable=False, default=0),
+    mysql_charset="utf8mb4",
+)
+
+atenciones = Table(
+    "atenciones",
+    legacy_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("sistema", String(16), nullable=False, index=True),
+    Column("paciente_id", Integer, index=True),
+    Column("profesional_id", Integer),
+    Column("fecha", LegacyDateTime),
+    Column("tipo", String(20)),
+    Column("diagnostico", String(10)),
+    Column("notas", Text),
+    Column("estado", String(12)),
+    Column("actualizado_en", LegacyDateTime, index=True),
+    Column("eliminado", Integer, nullable=False, default=0),
+    mysql_charset="utf8mb4",
+)
+
+target_metadata = MetaData()
+_id = BigInteger().with_variant(Integer, "sqlite")  # SQLite only auto-increments INTEGER keys
+
+patients = Table(
+    "patients",
+    target_metadata,
+    Column("id", _id, primary_key=True, autoincrement=True),
+    Column("sistema", String(16), nullable=False),
+    Column("legacy_id", BigInteger, nullable=False),
+    Column("national_id", String(32), nullable=False),
+    Column("document_type", String(2)),
+    Column("given_name", String(120)),
+    Column("family_name", String(120)),
+    Column("birth_date", Date),
+    Column("sex", String(8), nullable=False),
+    Column("email", String(255)),
+    Column("phone", String(40)),
+    Column("practitioner_id", BigInteger),
+    Column("source_updated_at", DateTime(timezone=True)),
+    Column("content_hash", String(64), nullable=False),
+    Column("run_id", String(64), nullable=False),
+    Column("migrated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("sistema", "legacy_id", name="uq_patients_legacy"),
+    # Deferred on PostgreSQL so two patients may swap documents inside one batch.
+    UniqueConstraint(
+        "sistema", "national_id", name="uq_patients_national_id", deferrable=True, initially="DEFERRED"
+    ).ddl_if(dialect="postgresql"),
+    Index("uq_patients_national_id_sqlite", "sistema", "national_id", unique=True).ddl_if(dialect="sqlite"),
+    schema="clinical",
+)
+
+encounters = Table(
+    "encounters",
+    target_metadata,
+    Column("id", _id, primary_key=True, autoincrement=True),
+    Column("sistema", String(16), nullable=False),
+    Column("legacy_id", BigInteger, nullable=False),
+    Column("patient_id", BigInteger, nullable=False, index=True),
+    Column("practitioner_id", BigInteger),
+    Column("occurred_at", DateTime(timezone=True), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("icd10", String(8)),
+    Column("notes", Text),
+    Column("status", String(16), nullable=False),
+    Column("source_updated_at", DateTime(timezone=True)),
+    Column("content_hash", String(64), nullable=False),
+    Column("run_id", String(64), nullable=False),
+    Column("migrated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("sistema", "legacy_id", name="uq_encounters_legacy"),
+    schema="clinical",
+)
+
+TARGETS = {"patients": patients, "encounters": encounters}
+# Target columns the worker writes from the rules; the rest are bookkeeping.
+BOOKKEEPING = ("id", "content_hash", "run_id", "migrated_at")
+
+state_metadata = MetaData()
+
+quarantine = Table(
+    "quarantine",
+    state_metadata,
+    Column("id", _id, primary_key=True, autoincrement=True),
+    Column("entity", String(32), nullable=False),
+    Column("partition_key", String(64), nullable=False),
+    Column("legacy_id", BigInteger, nullable=False),
+    Column("reason", String(32), nullable=False),
+    Column("detail", String(255), nullable=False),
+    Column("run_id", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("entity", "partition_key", "legacy_id", name="uq_quarantine_record"),
+    schema="migration",
+)
+
+ledger = Table(
+    "ledger",
+    state_metadata,
+    Column("id", _id, primary_key=True, autoincrement=True),
+    Column("entity", String(32), nullable=False),
+    Column("partition_key", String(64), nullable=False),
+    Column("legacy_id", BigInteger, nullable=False),
+    Column("target_id", String(128)),
+    Column("action", String(16), nullable=False),
+    Column("content_hash", String(64)),
+    Column("previous", JSON),
+    Column("run_id", String(64), nullable=False, index=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Index("ix_ledger_record", "entity", "partition_key", "legacy_id"),
+    schema="migration",
+)
+
+checkpoints = Table(
+    "checkpoints",
+    state_metadata,
+    Column("entity", String(32), primary_key=True),
+    Column("partition_key", String(64), primary_key=True),
+    Column("run_id", String(64), nullable=False),
+    Column("mode", String(16), nullable=False),
+    Column("parameters", JSON, nullable=False),
+    Column("last_legacy_id", BigInteger, nullable=False),
+    Column("counts", JSON, nullable=False),
+    Column("watermark", DateTime(timezone=True)),
+    Column("status", String(16), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    schema="migration",
+)
+
+runs = Table(
+    "runs",
+    state_metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("entity", String(32), primary_key=True),
+    Column("partition_key", String(64), primary_key=True),
+    Column("usuario", String(64), nullable=False),
+    Column("parameters", JSON, nullable=False),
+    Column("mode", String(16), nullable=False),
+    Column("dry_run", Boolean, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("resumed_from", String(64)),
+    Column("watermark", DateTime(timezone=True)),
+    Column("counts", JSON),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True)),
+    schema="migration",
+)
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """An engine that never puts bound values (patient data) into exception messages."""
+    engine = create_engine(url, hide_parameters=True, pool_pre_ping=True, **kwargs)
+    if engine.dialect.name == "sqlite":
+        engine = engine.execution_options(schema_translate_map={"clinical": None, "migration": None})
+    return engine
+
+
+def create_schemas(engine: Engine, *metadatas: MetaData) -> None:
+    """Create the named schemas (PostgreSQL) and any missing table; existing ones are kept."""
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            for schema in sorted({t.schema for m in metadatas for t in m.tables.values() if t.schema}):
+                conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        for metadata in metadatas:
+            metadata.create_all(conn, checkfirst=True)

@@ -1,0 +1,78 @@
+"""Bulk writes that are fast on PostgreSQL and plain on SQLite.
+
+PostgreSQL gets COPY (into the table, or into a temporary staging table followed by one
+``INSERT … ON CONFLICT``); SQLite, used only by the demo, gets executemany upserts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Connection, Table, insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+
+def jsonable(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A target row as JSON values (dates in ISO 8601), for the ledger's ``previous``."""
+    return {k: v.isoformat() if isinstance(v, (date, datetime)) else v for k, v in row.items()}
+
+
+def _qualified(conn: Connection, table: Table) -> str:
+    schema = (conn.get_execution_options().get("schema_translate_map") or {}).get(table.schema, table.schema)
+    return f'"{schema}"."{table.name}"' if schema else f'"{table.name}"'
+
+
+def _copy(conn: Connection, qualified: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    names = ", ".join(f'"{c}"' for c in columns)
+    with cursor, cursor.copy(f"COPY {qualified} ({names}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
+def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Append rows: COPY on PostgreSQL, executemany elsewhere."""
+    if not rows:
+        return
+    if conn.dialect.name != "postgresql":
+        conn.execute(insert(table), [dict(r) for r in rows])
+        return
+    columns = list(rows[0])
+    as_json = {c for c in columns if isinstance(table.c[c].type, JSON)}
+    _copy(
+        conn,
+        _qualified(conn, table),
+        columns,
+        ([json.dumps(r[c]) if c in as_json and r[c] is not None else r[c] for c in columns] for r in rows),
+    )
+
+
+def upsert_rows(conn: Connection, table: Table, key: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
+    """Insert or overwrite rows by ``key``: COPY into a staging table + one ON CONFLICT statement."""
+    if not rows:
+        return
+    columns = list(rows[0])
+    updates = [c for c in columns if c not in key]
+    if conn.dialect.name != "postgresql":
+        stmt = sqlite_insert(table)
+        conn.execute(
+            stmt.on_conflict_do_update(index_elements=list(key), set_={c: stmt.excluded[c] for c in updates}),
+            [dict(r) for r in rows],
+        )
+        return
+    stage = f"stage_{table.name}"
+    names = ", ".join(f'"{c}"' for c in columns)
+    conn.exec_driver_sql(
+        f"CREATE TEMP TABLE IF NOT EXISTS {stage} AS SELECT {names} FROM {_qualified(conn, table)} WITH NO DATA"
+    )
+    conn.exec_driver_sql(f"TRUNCATE {stage}")
+    _copy(conn, stage, columns, ([r[c] for c in columns] for r in rows))
+    target = _qualified(conn, table)
+    assignments = ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in updates)
+    keys = ", ".join(f'"{c}"' for c in key)
+    conn.exec_driver_sql(
+        f"INSERT INTO {target} ({names}) SELECT {names} FROM {stage} ON CONFLICT ({keys}) DO UPDATE SET {assignments}"
+    )
