@@ -41,10 +41,9 @@ class RunParameters:
             return None
         return PractitionerMapping(self.pract_source, self.pract_target)
 
-    def worker_argv(self, command: list[str]) -> list[str]:
-        """The worker's argv: every value a separate element, quoted later, never pasted."""
+    def worker_argv(self) -> list[str]:
+        """The worker's arguments: every value a separate element, quoted later, never pasted."""
         argv = [
-            *command,
             "migrate",
             "--entity", self.entity,
             "--sistema", self.sistema,

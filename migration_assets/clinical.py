@@ -1,0 +1,120 @@
+"""patients and encounters: MariaDB → PostgreSQL, run by the worker on the legacy host.
+
+Each materialization is one worker run for one sistema. Parameters are checked (§8) before any
+connection is opened; the worker streams, transforms and writes, and reports its counts back
+through Dagster Pipes as the materialization's metadata.
+"""
+
+
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from dagster import (
+    AssetExecutionContext,
+    Backoff,
+    Config,
+    RetryPolicy,
+    asset,
+)
+from pydantic import Field
+
+from migration_assets.partitions import sistemas_partitions
+from resources.databases import DatabaseResource
+from resources.errors import Category, MigrationError
+from resources.worker import WorkerResource
+from worker.params import InvalidParameters, RunParameters, validate
+
+USUARIO_TAG = "migration/usuario"
+# Connection and timeout failures retry (2 s, 4 s, 8 s); other categories fail at once.
+MIGRATION_RETRY = RetryPolicy(max_retries=3, delay=2, backoff=Backoff.EXPONENTIAL)
+
+
+class MigrationConfig(Config):
+    """What a person chooses for a run; validated per DESIGN §8 before anything connects."""
+
+    usuario: str = Field(description="who runs the migration (recorded in migration.runs)")
+    mode: Literal["full", "incremental"] = Field(default="full", description="full sweep or changes since the watermark")
+    dry_run: bool = Field(default=False, description="compute everything, write nothing")
+    pract_source: int | None = Field(default=None, description="legacy practitioner id to re-assign")
+    pract_target: int | None = Field(default=None, description="practitioner id it becomes")
+    batch_size: int = Field(default=2000, description="rows per transaction")
+    timeout_seconds: float | None = Field(default=None, description="stop the worker after this long")
+
+
+def run_parameters(context: AssetExecutionContext, entity: str, config: MigrationConfig) -> RunParameters:
+    """The worker's parameters, or a VALIDATION_ERROR failure that no retry repeats."""
+    tagged = context.run.tags.get(USUARIO_TAG)
+    try:
+        if tagged is not None and tagged != config.usuario:
+            raise InvalidParameters(f"run tag {USUARIO_TAG} and config usuario differ")
+        return validate(
+            RunParameters(
+                entity=entity,  # type: ignore[arg-type]
+                sistema=context.partition_key,
+                usuario=config.usuario,
+                run_id=context.run.run_id,
+                mode=config.mode,
+                dry_run=config.dry_run,
+                pract_source=config.pract_source,
+                pract_target=config.pract_target,
+                batch_size=config.batch_size,
+            )
+        )
+    except InvalidParameters as problem:
+        raise MigrationError(Category.VALIDATION_ERROR, str(problem)).as_failure() from None
+
+
+def migrate_entity(
+    context: AssetExecutionContext,
+    entity: str,
+    config: MigrationConfig,
+    worker: WorkerResource,
+    legacy_db: DatabaseResource,
+    clinical_db: DatabaseResource,
+    state_db: DatabaseResource,
+) -> Iterator[Any]:
+    params = run_parameters(context, entity, config)
+    secrets = {"legacy_db_url": legacy_db.url, "target_db_url": clinical_db.url, "state_db_url": state_db.url}
+    try:
+        invocation = worker.migrate(context, params.worker_argv(), secrets, config.timeout_seconds)
+    except MigrationError as problem:
+        context.log.error(str(problem))
+        raise problem.as_failure() from None
+    yield from invocation.get_results()
+
+
+@asset(
+    group_name="clinical",
+    partitions_def=sistemas_partitions,
+    retry_policy=MIGRATION_RETRY,
+    kinds={"mariadb", "postgres", "ssh"},
+    description="clinical.patients of one legacy sistema, migrated from pacientes (DESIGN §6).",
+)
+def patients(
+    context: AssetExecutionContext,
+    config: MigrationConfig,
+    worker: WorkerResource,
+    legacy_db: DatabaseResource,
+    clinical_db: DatabaseResource,
+    state_db: DatabaseResource,
+) -> Iterator[Any]:
+    yield from migrate_entity(context, "patients", config, worker, legacy_db, clinical_db, state_db)
+
+
+@asset(
+    group_name="clinical",
+    partitions_def=sistemas_partitions,
+    deps=[patients],
+    retry_policy=MIGRATION_RETRY,
+    kinds={"mariadb", "postgres", "ssh"},
+    description="clinical.encounters of one legacy sistema, from atenciones; needs its patients first.",
+)
+def encounters(
+    context: AssetExecutionContext,
+    config: MigrationConfig,
+    worker: WorkerResource,
+    legacy_db: DatabaseResource,
+    clinical_db: DatabaseResource,
+    state_db: DatabaseResource,
+) -> Iterator[Any]:
+    yield from migrate_entity(context, "encounters", config, worker, legacy_db, clinical_db, state_db)

@@ -1,0 +1,39 @@
+"""sistemas_discovery_sensor: every active legacy sistema becomes a partition of the clinical assets."""
+
+
+from dagster import DefaultSensorStatus, SensorEvaluationContext, SensorResult, SkipReason, sensor
+
+from migration_assets.partitions import sistemas_partitions
+from resources.databases import DatabaseResource
+from resources.errors import MigrationError
+from resources.worker import WorkerResource
+from worker.params import SISTEMA_PATTERN
+
+
+def discover_sistemas(worker: WorkerResource, legacy_db: DatabaseResource) -> tuple[list[str], int]:
+    """Active sistema codes usable as partition keys, and how many codes were refused."""
+    codes = worker.list_sistemas({"legacy_db_url": legacy_db.url})
+    usable = sorted(code for code in codes if SISTEMA_PATTERN.match(code))
+    return usable, len(codes) - len(usable)
+
+
+@sensor(
+    minimum_interval_seconds=300,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Adds a `sistemas` partition for every active legacy sistema not yet known.",
+)
+def sistemas_discovery_sensor(
+    context: SensorEvaluationContext, worker: WorkerResource, legacy_db: DatabaseResource
+) -> SensorResult | SkipReason:
+    try:
+        usable, refused = discover_sistemas(worker, legacy_db)
+    except MigrationError as problem:
+        return SkipReason(f"cannot list sistemas: {problem}")
+    if refused:
+        context.log.warning(f"{refused} active sistema code(s) do not match ^[A-Z0-9_]{{2,16}}$ and were skipped")
+    known = set(context.instance.get_dynamic_partitions(sistemas_partitions.name))
+    new = [code for code in usable if code not in known]
+    if not new:
+        return SkipReason(f"no new sistema ({len(usable)} known)")
+    context.log.info(f"adding sistemas: {', '.join(new)}")
+    return SensorResult(dynamic_partitions_requests=[sistemas_partitions.build_add_request(new)])

@@ -1,0 +1,101 @@
+"""SSH to the legacy host on paramiko: known_hosts required, unknown keys rejected, keys only.
+
+Commands are argv lists joined with ``shlex.quote`` — a parameter can never become shell
+syntax. Every failure is mapped to a §8 category.
+"""
+
+from __future__ import annotations
+
+import shlex
+import socket
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import paramiko
+from dagster import ConfigurableResource
+from pydantic import Field
+
+from resources.errors import Category, MigrationError
+from resources.processes import PID_MARKER, SSHProcess
+
+# Prints the PID, then becomes the command: the PID is what a timeout terminates and kills.
+_WRAPPER = f'echo "{PID_MARKER}$$"; exec "$@"'
+
+
+def quote_argv(argv: Sequence[str]) -> str:
+    """One shell word per element, whatever it holds (``; rm -rf /``, ``$(id)``, quotes)."""
+    return " ".join(shlex.quote(str(arg)) for arg in argv)
+
+
+class SSHResource(ConfigurableResource):
+    """The legacy host. Host keys come only from ``known_hosts_file``; no agent, no password."""
+
+    host: str
+    port: int = 22
+    username: str
+    key_file: str
+    known_hosts_file: str
+    connect_timeout_seconds: float = 10.0
+    keepalive_seconds: int = 30
+    kill_grace_seconds: float = Field(default=5.0, description="SIGTERM → SIGKILL delay on timeout")
+
+    @contextmanager
+    def connect(self) -> Iterator[paramiko.SSHClient]:
+        client = paramiko.SSHClient()
+        try:
+            client.load_host_keys(self.known_hosts_file)
+        except OSError as problem:
+            raise MigrationError(
+                Category.SSH_HOST_KEY_ERROR, f"known_hosts file unreadable: {problem.strerror}"
+            ) from None
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        try:
+            client.connect(
+                self.host,
+                port=self.port,
+                username=self.username,
+                key_filename=self.key_file,
+                look_for_keys=False,
+                allow_agent=False,
+                timeout=self.connect_timeout_seconds,
+                banner_timeout=self.connect_timeout_seconds,
+                auth_timeout=self.connect_timeout_seconds,
+            )
+        except paramiko.BadHostKeyException:
+            client.close()
+            raise MigrationError(
+                Category.SSH_HOST_KEY_ERROR, f"host key of {self.host}:{self.port} changed: refusing to connect"
+            ) from None
+        except paramiko.AuthenticationException:
+            client.close()
+            raise MigrationError(
+                Category.AUTHENTICATION_ERROR, f"key authentication as {self.username} was refused"
+            ) from None
+        except paramiko.SSHException as problem:
+            client.close()
+            if "known_hosts" in str(problem):
+                raise MigrationError(
+                    Category.SSH_HOST_KEY_ERROR, f"{self.host}:{self.port} is not in known_hosts: refusing to connect"
+                ) from None
+            raise MigrationError(Category.CONNECTION_ERROR, f"SSH negotiation failed: {problem}") from None
+        except (OSError, socket.timeout) as problem:
+            client.close()
+            raise MigrationError(
+                Category.CONNECTION_ERROR, f"cannot reach {self.host}:{self.port}: {problem}"
+            ) from None
+        transport = client.get_transport()
+        if transport is not None:
+            transport.set_keepalive(self.keepalive_seconds)
+        try:
+            yield client
+        finally:
+            client.close()
+
+    def command_exists(self, client: paramiko.SSHClient, command: str) -> bool:
+        """``command -v`` on the host: is the worker installed and on the PATH (or executable)?"""
+        _, stdout, _ = client.exec_command(quote_argv(["sh", "-c", 'command -v "$1"', "sh", command]), timeout=30)
+        return stdout.channel.recv_exit_status() == 0
+
+    def start(self, client: paramiko.SSHClient, argv: Sequence[str], stdin: bytes) -> SSHProcess:
+        """Start ``argv`` on the host with ``stdin`` fed to it; the PID is reported first."""
+        return SSHProcess(client, quote_argv(["sh", "-c", _WRAPPER, "worker", *argv]), stdin)

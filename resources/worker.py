@@ -1,0 +1,214 @@
+"""The migration worker as a Dagster Pipes process, over SSH (production) or a subprocess (demo).
+
+Secrets and the Pipes bootstrap go to the worker as one JSON object on stdin. Pipes messages come
+back on its stdout and are handed to the Pipes session as they arrive; every other line becomes
+a Dagster log line, redacted and batched (≤50 lines or 1 s per event).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+from dagster import (
+    AssetExecutionContext,
+    ConfigurableResource,
+    OpExecutionContext,
+    PipesClient,
+    PipesClientCompletedInvocation,
+    PipesEnvContextInjector,
+    PipesMessageReader,
+    open_pipes_session,
+)
+from dagster._core.pipes.context import PipesMessageHandler
+from dagster_pipes import PIPES_PROTOCOL_VERSION_FIELD, PipesExtras, PipesParams
+from pydantic import Field
+
+from resources.errors import Category, MigrationError
+from resources.processes import LocalProcess, Process
+from resources.ssh import SSHResource
+from worker.redact import redact
+
+Starter = Callable[[Sequence[str], bytes], Process]
+EXIT_CATEGORIES = {
+    2: Category.VALIDATION_ERROR,
+    3: Category.CONNECTION_ERROR,
+    126: Category.COMMAND_NOT_FOUND,
+    127: Category.COMMAND_NOT_FOUND,
+    -1: Category.CONNECTION_ERROR,  # paramiko: the channel closed without an exit status
+}
+
+
+class LogBatcher:
+    """Redacted output lines, sent as one log event per 50 lines or per second."""
+
+    def __init__(self, emit: Callable[[str], None], max_lines: int = 50, max_seconds: float = 1.0) -> None:
+        self.emit = emit
+        self.max_lines = max_lines
+        self.max_seconds = max_seconds
+        self.lines: list[str] = []
+        self.first_at = 0.0
+
+    def add(self, line: str) -> None:
+        if not self.lines:
+            self.first_at = time.monotonic()
+        self.lines.append(redact(line))
+        self.flush_if_due()
+
+    def flush_if_due(self) -> None:
+        if len(self.lines) >= self.max_lines or (self.lines and time.monotonic() - self.first_at >= self.max_seconds):
+            self.flush()
+
+    def flush(self) -> None:
+        if self.lines:
+            self.emit("\n".join(self.lines))
+            self.lines = []
+
+
+class PipesStdoutMessageReader(PipesMessageReader):
+    """Pipes messages travel on the worker's stdout, mixed with its other output."""
+
+    def __init__(self, on_progress: Callable[[Mapping[str, Any]], None] = lambda _: None) -> None:
+        self.handler: PipesMessageHandler | None = None
+        self.on_progress = on_progress
+
+    @contextmanager
+    def read_messages(self, handler: PipesMessageHandler) -> Iterator[PipesParams]:
+        self.handler = handler
+        yield {"stdio": "stdout"}
+
+    def handle_line(self, line: str) -> bool:
+        """Hand ``line`` to the session if it is a Pipes message; say whether it was one."""
+        if not line.startswith("{") or self.handler is None:
+            return False
+        try:
+            message = json.loads(line)
+        except json.JSONDecodeError:
+            return False
+        if not isinstance(message, dict) or PIPES_PROTOCOL_VERSION_FIELD not in message:
+            return False
+        params = message.get("params") or {}
+        if message.get("method") == "log":  # free text from the worker: redact like any line
+            params["message"] = redact(str(params.get("message", "")))
+        payload = params.get("payload") if message.get("method") == "report_custom_message" else None
+        if isinstance(payload, dict) and "progress" in payload:
+            self.on_progress(payload["progress"])
+        self.handler.handle_message(message)  # type: ignore[arg-type]
+        return True
+
+    def no_messages_debug_text(self) -> str:
+        return "Pipes messages are read from the worker's stdout; see the worker's log lines."
+
+
+class WorkerPipesClient(PipesClient):
+    """Runs the worker with a Pipes session over whatever started it."""
+
+    def __init__(self, start: Starter, timeout_seconds: float, grace_seconds: float) -> None:
+        self.start = start
+        self.timeout_seconds = timeout_seconds
+        self.grace_seconds = grace_seconds
+
+    def run(  # type: ignore[override]
+        self,
+        *,
+        context: AssetExecutionContext | OpExecutionContext,
+        argv: Sequence[str],
+        secrets: Mapping[str, Any],
+        extras: PipesExtras | None = None,
+    ) -> PipesClientCompletedInvocation:
+        reader = PipesStdoutMessageReader(
+            on_progress=lambda counts: context.log.info(f"progress: {json.dumps(counts, sort_keys=True)}")
+        )
+        logs = LogBatcher(context.log.info)
+        stderr_tail: deque[str] = deque(maxlen=20)
+        with open_pipes_session(
+            context=context, context_injector=PipesEnvContextInjector(), message_reader=reader, extras=extras
+        ) as session:
+            payload = {**secrets, "pipes": dict(session.get_bootstrap_env_vars())}
+            process = self.start(argv, json.dumps(payload).encode())
+            try:
+                for stream, line in process.lines(time.monotonic() + self.timeout_seconds):
+                    if stream == "stdout" and reader.handle_line(line):
+                        logs.flush_if_due()
+                        continue
+                    if stream == "stderr":
+                        stderr_tail.append(redact(line))
+                    logs.add(line)
+            except BaseException:  # timed out or interrupted: never leave the worker running
+                process.stop(self.grace_seconds)
+                raise
+            finally:
+                logs.flush()
+            code = process.wait()
+        if code != 0:
+            category = EXIT_CATEGORIES.get(code, Category.SCRIPT_ERROR)
+            last = next((line for line in reversed(stderr_tail) if line.strip()), f"exit code {code}")
+            raise MigrationError(category, f"worker exited with {code}: {last}")
+        return PipesClientCompletedInvocation(session)
+
+
+class WorkerResource(ConfigurableResource):
+    """Where and how the worker runs (``WORKER_TRANSPORT``, ``WORKER_COMMAND``)."""
+
+    transport: Literal["ssh", "local"] = "ssh"
+    command: str = Field(default="clinic-migrate", description="the worker executable on the legacy host")
+    ssh: SSHResource | None = None
+    migrate_timeout_seconds: float = 6 * 3600
+    kill_grace_seconds: float = 5.0
+
+    @property
+    def command_argv(self) -> list[str]:
+        return shlex.split(self.command)
+
+    @contextmanager
+    def host(self) -> Iterator[Starter]:
+        """A way to start processes on the worker host; checks first that the worker exists."""
+        if self.transport == "local":
+            yield LocalProcess
+            return
+        if self.ssh is None:
+            raise MigrationError(Category.VALIDATION_ERROR, "WORKER_TRANSPORT=ssh needs the SSH_* settings")
+        ssh = self.ssh
+        with ssh.connect() as client:
+            if not ssh.command_exists(client, self.command_argv[0]):
+                raise MigrationError(
+                    Category.COMMAND_NOT_FOUND, f"{self.command_argv[0]} is not installed on {ssh.host}"
+                )
+            yield lambda argv, stdin: ssh.start(client, argv, stdin)
+
+    def migrate(
+        self,
+        context: AssetExecutionContext | OpExecutionContext,
+        argv: Sequence[str],
+        secrets: Mapping[str, Any],
+        timeout_seconds: float | None = None,
+    ) -> PipesClientCompletedInvocation:
+        """Run ``clinic-migrate <argv>`` as a Pipes process and return its reported results."""
+        with self.host() as start:
+            client = WorkerPipesClient(start, timeout_seconds or self.migrate_timeout_seconds, self.kill_grace_seconds)
+            return client.run(context=context, argv=[*self.command_argv, *argv], secrets=secrets)
+
+    def list_sistemas(self, secrets: Mapping[str, Any], timeout_seconds: float = 120) -> list[str]:
+        """The active sistemas of the legacy DB, asked of the worker (Dagster may not reach that DB)."""
+        with self.host() as start:
+            process = start([*self.command_argv, "sistemas"], json.dumps(dict(secrets)).encode())
+            out: list[str] = []
+            err: list[str] = []
+            try:
+                for stream, line in process.lines(time.monotonic() + timeout_seconds):
+                    (out if stream == "stdout" else err).append(line)
+            except MigrationError:
+                process.stop(self.kill_grace_seconds)
+                raise
+            code = process.wait()
+        if code != 0:
+            raise MigrationError(EXIT_CATEGORIES.get(code, Category.SCRIPT_ERROR), (err or [f"exit {code}"])[-1])
+        for line in out:
+            if line.startswith('{"sistemas"'):
+                return list(json.loads(line)["sistemas"])
+        raise MigrationError(Category.SCRIPT_ERROR, "the worker printed no list of sistemas")

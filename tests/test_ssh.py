@@ -1,0 +1,131 @@
+"""The SSH resource against a real sshd: host keys, authentication, quoting, timeouts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from resources.errors import Category, MigrationError
+from resources.ssh import SSHResource
+from resources.worker import WorkerResource
+
+from .conftest import SSHServer
+
+pytestmark = pytest.mark.integration
+
+
+def resource(server: SSHServer, **overrides: object) -> SSHResource:
+    return SSHResource(**{**server.resource_kwargs(), **overrides})
+
+
+def run(ssh: SSHResource, argv: list[str], stdin: bytes = b"", timeout: float = 30) -> tuple[int, list[str]]:
+    with ssh.connect() as client:
+        process = ssh.start(client, argv, stdin)
+        out = [line for stream, line in process.lines(time.monotonic() + timeout) if stream == "stdout"]
+        return process.wait(), out
+
+
+def category_of(call: object) -> Category:
+    with pytest.raises(MigrationError) as caught:
+        call()  # type: ignore[operator]
+    return caught.value.category
+
+
+def test_runs_a_command_with_stdin(sshd: SSHServer) -> None:
+    code, out = run(resource(sshd), [sys.executable, "-c", "import sys; print(sys.stdin.read().upper())"], b"abc")
+    assert (code, out) == (0, ["ABC"])
+
+
+def test_unknown_host_key_is_refused(sshd: SSHServer, tmp_path: Path) -> None:
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    ssh = resource(sshd, known_hosts_file=str(empty))
+    assert category_of(lambda: ssh.connect().__enter__()) == Category.SSH_HOST_KEY_ERROR
+
+
+def test_changed_host_key_is_refused(sshd: SSHServer, tmp_path: Path) -> None:
+    impostor = tmp_path / "impostor"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(impostor)], check=True)
+    kind, key = Path(f"{impostor}.pub").read_text().split()[:2]
+    changed = tmp_path / "known_hosts"
+    changed.write_text(f"[127.0.0.1]:{sshd.port} {kind} {key}\n")
+    ssh = resource(sshd, known_hosts_file=str(changed))
+    assert category_of(lambda: ssh.connect().__enter__()) == Category.SSH_HOST_KEY_ERROR
+
+
+def test_missing_known_hosts_file_is_refused(sshd: SSHServer, tmp_path: Path) -> None:
+    ssh = resource(sshd, known_hosts_file=str(tmp_path / "nope"))
+    assert category_of(lambda: ssh.connect().__enter__()) == Category.SSH_HOST_KEY_ERROR
+
+
+def test_wrong_key_is_an_authentication_error(sshd: SSHServer) -> None:
+    ssh = resource(sshd, key_file=sshd.other_key_file)
+    assert category_of(lambda: ssh.connect().__enter__()) == Category.AUTHENTICATION_ERROR
+
+
+def test_nothing_listening_is_a_connection_error(sshd: SSHServer) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ssh = resource(sshd, port=port, connect_timeout_seconds=2)
+    error = pytest.raises(MigrationError, lambda: ssh.connect().__enter__()).value
+    assert error.category == Category.CONNECTION_ERROR and error.retryable
+
+
+def test_missing_worker_is_found_before_running(sshd: SSHServer, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    worker = WorkerResource(transport="ssh", command=f"no-such-worker-{os.getpid()}", ssh=resource(sshd))
+    with pytest.raises(MigrationError) as caught, worker.host() as start:
+        start(["sh", "-c", f"touch {marker}"], b"")
+    assert caught.value.category == Category.COMMAND_NOT_FOUND
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("hostile", ["; rm -rf /tmp/x", "$(id)", "`id`", "a'b\"c", "x && touch /tmp/pwned", "*"])
+def test_hostile_parameters_reach_the_command_as_plain_data(sshd: SSHServer, hostile: str) -> None:
+    sentinel = Path("/tmp/x")
+    sentinel.mkdir(exist_ok=True)
+    echo = "import json, sys; print(json.dumps(sys.argv[1:]))"
+    code, out = run(resource(sshd), [sys.executable, "-c", echo, "--usuario", hostile])
+    assert code == 0
+    assert json.loads(out[0]) == ["--usuario", hostile]
+    assert sentinel.exists() and not Path("/tmp/pwned").exists()
+
+
+def test_hostile_parameter_is_refused_by_the_worker_as_data(sshd: SSHServer) -> None:
+    from .conftest import WORKER_COMMAND
+
+    argv = [WORKER_COMMAND, "migrate", "--entity", "patients", "--sistema", "HSJ", "--usuario", "$(id)", "--run-id", "r1"]
+    with resource(sshd).connect() as client:
+        process = resource(sshd).start(client, argv, b"{}")
+        lines = [line for _, line in process.lines(time.monotonic() + 60)]
+        assert process.wait() == 2
+    assert any(line.startswith("VALIDATION_ERROR: usuario must match") for line in lines)
+    assert not any("uid=" in line for line in lines)
+
+
+def test_hung_command_times_out_and_the_remote_process_is_gone(sshd: SSHServer) -> None:
+    ssh = resource(sshd, kill_grace_seconds=1.0)
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(300)"
+    with ssh.connect() as client:
+        process = ssh.start(client, [sys.executable, "-c", stubborn], b"")
+        started = time.monotonic()
+        with pytest.raises(MigrationError) as caught:
+            for _ in process.lines(time.monotonic() + 2):
+                pass
+        assert caught.value.category == Category.TIMEOUT_ERROR
+        assert process.pid is not None
+        process.stop(ssh.kill_grace_seconds)  # ignores SIGTERM: needs the SIGKILL after the grace period
+        assert time.monotonic() - started < 20
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and Path(f"/proc/{process.pid}").exists():
+        time.sleep(0.1)
+    assert not Path(f"/proc/{process.pid}").exists(), "the remote process survived its timeout"
