@@ -27,8 +27,20 @@ MIGRATED, DELETED = "MIGRATED", "DELETED"
 DEFAULT_SISTEMAS = ("HSJ", "CLN01", "SUR_2")
 GIVEN = ["Ana", "maría josé", "JUAN", "Luis  Fernando", "Sofía", "Ñusta", "Camila", "josé", "Valentina", "Andrés"]
 FAMILY = ["Gómez", "pérez  ruiz", "RODRÍGUEZ", "López", "Muñoz", "Díaz", "García Márquez", "Zuluaga"]
-NOTES = ["Paciente estable.", "Control en 3 meses\nTA 120/80", "Dolor torácico — descartar IAM ❤️", "Sin hallazgos\t", ""]
-PATIENT_CASES = (rules.MISSING_DOCUMENT, rules.DUPLICATE_DOCUMENT, rules.MISSING_NAME, rules.INVALID_BIRTH_DATE, DELETED)
+NOTES = [
+    "Paciente estable.",
+    "Control en 3 meses\nTA 120/80",
+    "Dolor torácico — descartar IAM ❤️",
+    "Sin hallazgos\t",
+    "",
+]
+PATIENT_CASES = (
+    rules.MISSING_DOCUMENT,
+    rules.DUPLICATE_DOCUMENT,
+    rules.MISSING_NAME,
+    rules.INVALID_BIRTH_DATE,
+    DELETED,
+)
 ENCOUNTER_CASES = (rules.ORPHAN_PATIENT, rules.MISSING_DATE, rules.INVALID_ICD10, DELETED)
 
 
@@ -84,7 +96,9 @@ class Generator:
 
     def birth_date(self) -> str | None:
         day = datetime(1930, 1, 1) + timedelta(days=self.rng.randrange(0, 90 * 365))
-        return self.pick([day.strftime("%Y-%m-%d"), day.strftime("%d/%m/%Y"), "0000-00-00", "", None, day.strftime("%Y-%m-%d")])
+        return self.pick(
+            [day.strftime("%Y-%m-%d"), day.strftime("%d/%m/%Y"), "0000-00-00", "", None, day.strftime("%Y-%m-%d")]
+        )
 
     def patient(self, pid: int, sistema: str, fate: str, practitioners: list[int]) -> dict[str, Any]:
         document = self.document(pid)
@@ -112,14 +126,18 @@ class Generator:
         elif fate == rules.MISSING_NAME:
             row["nombres"], row["apellidos"] = self.pick([(None, None), ("", "  "), ("   ", None)])
         elif fate == rules.INVALID_BIRTH_DATE:
-            row["fecha_nacimiento"] = self.pick(["31/02/2001", "2999-01-01", "ayer", "1850-05-05", "2001-13-01", "12-05-1990"])
+            row["fecha_nacimiento"] = self.pick(
+                ["31/02/2001", "2999-01-01", "ayer", "1850-05-05", "2001-13-01", "12-05-1990"]
+            )
         elif fate == DELETED:
             row["eliminado"] = 1
         if fate == MIGRATED:
             self.recent_documents.append(document)
         return row
 
-    def encounter(self, eid: int, sistema: str, patient_id: int | None, fate: str, practitioners: list[int]) -> dict[str, Any]:
+    def encounter(
+        self, eid: int, sistema: str, patient_id: int | None, fate: str, practitioners: list[int]
+    ) -> dict[str, Any]:
         row = {
             "id": eid,
             "sistema": sistema,

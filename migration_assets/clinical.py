@@ -5,7 +5,6 @@ connection is opened; the worker streams, transforms and writes, and reports its
 through Dagster Pipes as the materialization's metadata.
 """
 
-
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -33,7 +32,9 @@ class MigrationConfig(Config):
     """What a person chooses for a run; validated per DESIGN §8 before anything connects."""
 
     usuario: str = Field(description="who runs the migration (recorded in migration.runs)")
-    mode: Literal["full", "incremental"] = Field(default="full", description="full sweep or changes since the watermark")
+    mode: Literal["full", "incremental"] = Field(
+        default="full", description="full sweep or changes since the watermark"
+    )
     dry_run: bool = Field(default=False, description="compute everything, write nothing")
     pract_source: int | None = Field(default=None, description="legacy practitioner id to re-assign")
     pract_target: int | None = Field(default=None, description="practitioner id it becomes")

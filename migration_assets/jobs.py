@@ -2,14 +2,11 @@
 
 from dagster import AssetSelection, define_asset_job
 
-from migration_assets.partitions import sistemas_partitions
-
 MIGRATION_TAGS = {"migration/kind": "migration"}
 
 clinical_migration_job = define_asset_job(
     "clinical_migration_job",
     selection=AssetSelection.groups("clinical"),
-    partitions_def=sistemas_partitions,
     tags=MIGRATION_TAGS,
     description="patients then encounters of one sistema, over SSH on the legacy host.",
 )

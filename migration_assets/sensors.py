@@ -1,6 +1,5 @@
 """sistemas_discovery_sensor: every active legacy sistema becomes a partition of the clinical assets."""
 
-
 from dagster import DefaultSensorStatus, SensorEvaluationContext, SensorResult, SkipReason, sensor
 
 from migration_assets.partitions import sistemas_partitions

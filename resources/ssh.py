@@ -7,7 +7,6 @@ syntax. Every failure is mapped to a §8 category.
 from __future__ import annotations
 
 import shlex
-import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -78,7 +77,7 @@ class SSHResource(ConfigurableResource):
                     Category.SSH_HOST_KEY_ERROR, f"{self.host}:{self.port} is not in known_hosts: refusing to connect"
                 ) from None
             raise MigrationError(Category.CONNECTION_ERROR, f"SSH negotiation failed: {problem}") from None
-        except (OSError, socket.timeout) as problem:
+        except (TimeoutError, OSError) as problem:
             client.close()
             raise MigrationError(
                 Category.CONNECTION_ERROR, f"cannot reach {self.host}:{self.port}: {problem}"

@@ -101,6 +101,10 @@ class PipesStdoutMessageReader(PipesMessageReader):
         self.handler.handle_message(message)  # type: ignore[arg-type]
         return True
 
+    @property
+    def expected_writer_count(self) -> int:
+        return 1  # one worker process writes
+
     def no_messages_debug_text(self) -> str:
         return "Pipes messages are read from the worker's stdout; see the worker's log lines."
 

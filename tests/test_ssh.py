@@ -76,8 +76,9 @@ def test_nothing_listening_is_a_connection_error(sshd: SSHServer) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ssh = resource(sshd, port=port, connect_timeout_seconds=2)
-    error = pytest.raises(MigrationError, lambda: ssh.connect().__enter__()).value
-    assert error.category == Category.CONNECTION_ERROR and error.retryable
+    with pytest.raises(MigrationError) as caught, ssh.connect():
+        pass
+    assert caught.value.category == Category.CONNECTION_ERROR and caught.value.retryable
 
 
 def test_missing_worker_is_found_before_running(sshd: SSHServer, tmp_path: Path) -> None:
@@ -103,7 +104,18 @@ def test_hostile_parameters_reach_the_command_as_plain_data(sshd: SSHServer, hos
 def test_hostile_parameter_is_refused_by_the_worker_as_data(sshd: SSHServer) -> None:
     from .conftest import WORKER_COMMAND
 
-    argv = [WORKER_COMMAND, "migrate", "--entity", "patients", "--sistema", "HSJ", "--usuario", "$(id)", "--run-id", "r1"]
+    argv = [
+        WORKER_COMMAND,
+        "migrate",
+        "--entity",
+        "patients",
+        "--sistema",
+        "HSJ",
+        "--usuario",
+        "$(id)",
+        "--run-id",
+        "r1",
+    ]
     with resource(sshd).connect() as client:
         process = resource(sshd).start(client, argv, b"{}")
         lines = [line for _, line in process.lines(time.monotonic() + 60)]
@@ -114,7 +126,9 @@ def test_hostile_parameter_is_refused_by_the_worker_as_data(sshd: SSHServer) -> 
 
 def test_hung_command_times_out_and_the_remote_process_is_gone(sshd: SSHServer) -> None:
     ssh = resource(sshd, kill_grace_seconds=1.0)
-    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(300)"
+    stubborn = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(300)"
+    )
     with ssh.connect() as client:
         process = ssh.start(client, [sys.executable, "-c", stubborn], b"")
         started = time.monotonic()

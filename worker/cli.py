@@ -112,7 +112,12 @@ def _migrate(args: argparse.Namespace, secrets: dict[str, Any], reporter: Report
     state_url = secrets.get("state_db_url") or secrets["target_db_url"]
     state = target if state_url == secrets["target_db_url"] else schema.make_engine(state_url)
     migration = Migration(
-        params, schema.make_engine(secrets["legacy_db_url"]), target, state, log=reporter.log, progress=reporter.progress
+        params,
+        schema.make_engine(secrets["legacy_db_url"]),
+        target,
+        state,
+        log=reporter.log,
+        progress=reporter.progress,
     )
     result = migration.run()
     reporter.materialization(_metadata(result, params))
@@ -164,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return EXIT_UNREACHABLE
             print(f"SCRIPT_ERROR: {type(problem).__name__}: {redact(str(problem.orig))}", file=sys.stderr, flush=True)
             return EXIT_FAILED
-        except Exception as problem:  # noqa: BLE001 - the last line of the worker: report, redacted
+        except Exception as problem:
             print(f"SCRIPT_ERROR: {type(problem).__name__}: {redact(str(problem))}", file=sys.stderr, flush=True)
             return EXIT_FAILED
     return EXIT_OK

@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, RowMapping, Table, and_, delete, func, select, update
@@ -79,7 +79,7 @@ class Result:
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Migration:
@@ -216,14 +216,9 @@ class Migration:
         counts.read += len(rows)
         outcome = self._decide(target, eligible)
         batch_ids = [r["id"] for r in rows]
-        scope = (
-            and_(t.c.legacy_id > lo, t.c.legacy_id <= hi)
-            if mode == "full"
-            else t.c.legacy_id.in_(batch_ids)
-        )
+        scope = and_(t.c.legacy_id > lo, t.c.legacy_id <= hi) if mode == "full" else t.c.legacy_id.in_(batch_ids)
         existing = {
-            r["legacy_id"]: r
-            for r in target.execute(select(t).where(t.c.sistema == p.sistema, scope)).mappings()
+            r["legacy_id"]: r for r in target.execute(select(t).where(t.c.sistema == p.sistema, scope)).mappings()
         }
         now = utcnow()
         ledger: list[dict[str, Any]] = []
@@ -331,9 +326,7 @@ class Migration:
         outcome = Outcome()
         for row in eligible:
             try:
-                outcome.records[row["id"]] = rules.transform_patient(
-                    row, today=self.today, mapping=self.params.mapping
-                )
+                outcome.records[row["id"]] = rules.transform_patient(row, today=self.today, mapping=self.params.mapping)
             except rules.Quarantined as problem:
                 outcome.quarantined[row["id"]] = problem
         claims = {legacy_id: record["national_id"] for legacy_id, record in outcome.records.items()}
@@ -388,9 +381,7 @@ class Migration:
     def _resumable_checkpoint(self, conn: Connection) -> RowMapping | None:
         c = schema.checkpoints
         row = (
-            conn.execute(
-                select(c).where(c.c.entity == self.params.entity, c.c.partition_key == self.params.sistema)
-            )
+            conn.execute(select(c).where(c.c.entity == self.params.entity, c.c.partition_key == self.params.sistema))
             .mappings()
             .first()
         )
@@ -419,7 +410,9 @@ class Migration:
         )
         return rules.coerce_datetime(latest)
 
-    def _checkpoint(self, state: Connection, last: int, counts: Counts, watermark: datetime | None, status: str) -> None:
+    def _checkpoint(
+        self, state: Connection, last: int, counts: Counts, watermark: datetime | None, status: str
+    ) -> None:
         if self.params.dry_run:
             return
         values = {

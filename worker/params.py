@@ -78,7 +78,11 @@ def validate(params: RunParameters) -> RunParameters:
         value = getattr(params, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             problems.append(f"{name} must be a positive integer")
-    if isinstance(params.batch_size, bool) or not isinstance(params.batch_size, int) or not 1 <= params.batch_size <= 50_000:
+    if (
+        isinstance(params.batch_size, bool)
+        or not isinstance(params.batch_size, int)
+        or not 1 <= params.batch_size <= 50_000
+    ):
         problems.append("batch_size must be an integer from 1 to 50000")
     if problems:
         raise InvalidParameters("; ".join(problems))

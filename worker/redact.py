@@ -15,7 +15,10 @@ _PATTERNS: list[tuple[re.Pattern[str], str]] = [
     # Credentials inside URLs: scheme://user:password@host → scheme://***@host
     (re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s:@]+(:[^/\s@]*)?@"), rf"\1{MASK}@"),
     # password=…, pwd: …, secret '…', token=…
-    (re.compile(r"(?i)\b(password|passwd|pwd|secret|token|api[_-]?key)\b(\s*[=:]\s*|\s+)(\"[^\"]*\"|'[^']*'|\S+)"), rf"\1\2{MASK}"),
+    (
+        re.compile(r"(?i)\b(password|passwd|pwd|secret|token|api[_-]?key)\b(\s*[=:]\s*|\s+)(\"[^\"]*\"|'[^']*'|\S+)"),
+        rf"\1\2{MASK}",
+    ),
     # Django password hashes.
     (re.compile(r"\b(pbkdf2_sha256|pbkdf2_sha1|argon2|bcrypt_sha256|bcrypt|scrypt|sha1|md5|crypt)\$[^\s'\",)]+"), MASK),
     # PostgreSQL's "Key (col)=(value)" and "DETAIL: Failing row contains (…)".

@@ -12,7 +12,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Any
 
 # Quarantine reason codes (DESIGN §6).
@@ -125,12 +125,13 @@ def normalize_email(email: str | None) -> str | None:
 
 
 def normalize_phone(telefono: str | None) -> str | None:
-    """Keep the digits and a leading '+', so numbers compare equal however they were typed."""
-    text = (telefono or "").strip()
+    """Keep the digits and a '+' typed before them, so numbers compare equal however written."""
+    text = telefono or ""
     digits = re.sub(r"\D", "", text)
     if not digits:
         return None
-    return ("+" if text.startswith("+") else "") + digits
+    leading_plus = "+" in text[: re.search(r"\d", text).start()]  # type: ignore[union-attr]
+    return ("+" if leading_plus else "") + digits
 
 
 def map_practitioner(profesional_id: int | None, mapping: PractitionerMapping | None) -> int | None:
@@ -161,7 +162,7 @@ def coerce_datetime(value: Any) -> datetime | None:
             parsed = datetime.fromisoformat(text)
         except ValueError:
             return None
-    return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 def require_occurred_at(fecha: Any) -> datetime:
@@ -290,7 +291,7 @@ def _typed(value: Any) -> list[Any]:
     if isinstance(value, float):
         return ["float", repr(value)]
     if isinstance(value, datetime):
-        aware = value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+        aware = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
         return ["datetime", aware.strftime("%Y-%m-%dT%H:%M:%S.%fZ")]
     if isinstance(value, date):
         return ["date", value.isoformat()]

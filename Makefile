@@ -1,0 +1,55 @@
+# Two commands matter: `make demo` and `make test`. Both set up what they need.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+DEMO   := $(CURDIR)/.demo
+DEMO_ENV := DAGSTER_HOME=$(DEMO)/dagster_home \
+	WORKER_TRANSPORT=local WORKER_COMMAND=$(CURDIR)/$(VENV)/bin/clinic-migrate \
+	LEGACY_DB_URL=sqlite:///$(DEMO)/legacy.db CLINICAL_DB_URL=sqlite:///$(DEMO)/clinical.db
+
+.PHONY: install demo dev test lint check sshd bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+## make demo: demo legacy data (SQLite), partitions, a full migration of every sistema, a summary
+demo: install
+	rm -rf $(DEMO) && mkdir -p $(DEMO)
+	$(DEMO_ENV) $(PY) -m demo.run
+
+## make dev: the Dagster UI (and daemon) on the demo data
+dev: install
+	test -f $(DEMO)/clinical.db || $(MAKE) demo
+	$(DEMO_ENV) $(VENV)/bin/dagster dev -w workspace.yaml
+
+## make test: lint + the whole suite (real MariaDB, PostgreSQL, sshd)
+test: install sshd lint
+	$(VENV)/bin/pytest -ra
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+## the definitions as Dagster sees them
+check: install
+	$(PY) -m demo.instance $(DEMO)/dagster_home
+	$(DEMO_ENV) $(VENV)/bin/dg check defs
+	$(DEMO_ENV) $(VENV)/bin/dagster definitions validate -m migration_assets.definitions
+
+## OpenSSH's sshd for the SSH integration tests (Debian/Ubuntu, as root)
+sshd:
+	@command -v sshd >/dev/null 2>&1 || test -x /usr/sbin/sshd || { \
+		echo "installing openssh-server"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null; }
+
+## benchmark: N patients and 5·N encounters, MariaDB → PostgreSQL over sshd
+bench: install sshd
+	$(PY) -m bench.clinical --patients $(or $(N),100000)
+
+clean:
+	rm -rf $(DEMO) .pytest_cache .ruff_cache
