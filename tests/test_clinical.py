@@ -18,13 +18,14 @@ from dagster import DagsterInstance, materialize
 from sqlalchemy import Engine, func, select, text, update
 
 from demo.legacy_data import Tally, generate
+from demo.sshd import SSHServer
 from migration_assets.clinical import encounters, patients
 from resources.databases import DatabaseResource
 from resources.ssh import SSHResource
 from resources.worker import WorkerResource
 from worker import schema
 
-from .conftest import WORKER_COMMAND, SSHServer
+from .conftest import WORKER_COMMAND
 
 pytestmark = pytest.mark.integration
 SISTEMAS = ("HSJ", "CLN01")

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from demo.sshd import SSHServer
 from resources.errors import Category, MigrationError
 from resources.ssh import SSHResource
 from resources.worker import WorkerResource
-
-from .conftest import SSHServer
 
 pytestmark = pytest.mark.integration
 

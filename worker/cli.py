@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import signal
 import sys
 from collections.abc import Sequence
@@ -91,6 +92,7 @@ def _metadata(result: Result, params: RunParameters) -> dict[str, Any]:
         "resumed_from_run": result.resumed_from or "",
         "duration_s": round(result.seconds, 3),
         "rows_per_s": round(counts.read / result.seconds, 1) if result.seconds > 0 else 0.0,
+        "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
 
 

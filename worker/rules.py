@@ -269,11 +269,11 @@ def first_claim_wins(claims: Mapping[int, str], held: Mapping[str, int]) -> tupl
     lose (duplicates).
     """
     owners: dict[str, int] = {}
-    for national_id in set(claims.values()):
-        contenders = [legacy_id for legacy_id, claimed in claims.items() if claimed == national_id]
-        if national_id in held:
-            contenders.append(held[national_id])
-        owners[national_id] = min(contenders)
+    for legacy_id, national_id in claims.items():
+        owners[national_id] = min(owners.get(national_id, legacy_id), legacy_id)
+    for national_id, legacy_id in held.items():
+        if national_id in owners:
+            owners[national_id] = min(owners[national_id], legacy_id)
     losers = {legacy_id for legacy_id, national_id in claims.items() if owners[national_id] != legacy_id}
     return owners, losers
 

@@ -1,0 +1,105 @@
+"""A throw-away OpenSSH sshd on a loopback port: generated host and client keys, key auth only.
+
+Used by the integration tests and the benchmarks to exercise the real SSH path on one machine.
+"""
+
+from __future__ import annotations
+
+import getpass
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+
+
+@dataclass(frozen=True)
+class SSHServer:
+    host: str
+    port: int
+    user: str
+    key_file: str
+    known_hosts: str
+    other_key_file: str  # a key sshd does not accept
+    home: Path
+
+    def resource_kwargs(self) -> dict[str, object]:
+        return {
+            "host": self.host,
+            "port": self.port,
+            "username": self.user,
+            "key_file": self.key_file,
+            "known_hosts_file": self.known_hosts,
+        }
+
+
+def sshd_available() -> bool:
+    return Path(SSHD).exists() and shutil.which("ssh-keygen") is not None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _keygen(path: Path) -> None:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+
+
+@contextmanager
+def running_sshd(home: Path) -> Iterator[SSHServer]:
+    """Start sshd for the current user in ``home``; stop it on exit."""
+    host_key, client_key, other_key = home / "host_key", home / "client_key", home / "other_key"
+    for key in (host_key, client_key, other_key):
+        _keygen(key)
+    authorized = home / "authorized_keys"
+    authorized.write_text(Path(f"{client_key}.pub").read_text())
+    authorized.chmod(0o600)
+    port = _free_port()
+    config = home / "sshd_config"
+    settings = {
+        "Port": port,
+        "ListenAddress": "127.0.0.1",
+        "HostKey": host_key,
+        "PidFile": home / "sshd.pid",
+        "AuthorizedKeysFile": authorized,
+        "PubkeyAuthentication": "yes",
+        "PasswordAuthentication": "no",
+        "KbdInteractiveAuthentication": "no",
+        "PermitRootLogin": "prohibit-password",
+        "StrictModes": "no",
+        "UsePAM": "no",
+        "AllowTcpForwarding": "no",
+        "X11Forwarding": "no",
+        "PrintMotd": "no",
+        "MaxStartups": 50,
+        "MaxSessions": 50,
+    }
+    config.write_text("".join(f"{key} {value}\n" for key, value in settings.items()))
+    Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory
+    log = home / "sshd.log"
+    with log.open("w") as log_file:
+        process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=log_file)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"sshd did not start: {log.read_text()}") from None
+                time.sleep(0.1)
+        kind, key = Path(f"{host_key}.pub").read_text().split()[:2]
+        known_hosts = home / "known_hosts"
+        known_hosts.write_text(f"[127.0.0.1]:{port} {kind} {key}\n")
+        yield SSHServer("127.0.0.1", port, getpass.getuser(), str(client_key), str(known_hosts), str(other_key), home)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
