@@ -5,11 +5,12 @@ connection is opened; the worker streams, transforms and writes, and reports its
 through Dagster Pipes as the materialization's metadata.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 from dagster import (
     AssetExecutionContext,
+    AssetsDefinition,
     Backoff,
     Config,
     RetryPolicy,
@@ -24,8 +25,8 @@ from resources.worker import WorkerResource
 from worker.params import InvalidParameters, RunParameters, validate
 
 USUARIO_TAG = "migration/usuario"
-# Connection and timeout failures retry (2 s, 4 s, 8 s); other categories fail at once.
-MIGRATION_RETRY = RetryPolicy(max_retries=3, delay=2, backoff=Backoff.EXPONENTIAL)
+# Connection and timeout failures get 3 attempts in all (retries after 2 s, 4 s); others fail at once.
+MIGRATION_RETRY = RetryPolicy(max_retries=2, delay=2, backoff=Backoff.EXPONENTIAL)
 
 
 class MigrationConfig(Config):
@@ -84,38 +85,34 @@ def migrate_entity(
     yield from invocation.get_results()
 
 
-@asset(
-    group_name="clinical",
-    partitions_def=sistemas_partitions,
-    retry_policy=MIGRATION_RETRY,
-    kinds={"mariadb", "postgres", "ssh"},
-    description="clinical.patients of one legacy sistema, migrated from pacientes (DESIGN §6).",
-)
-def patients(
-    context: AssetExecutionContext,
-    config: MigrationConfig,
-    worker: WorkerResource,
-    legacy_db: DatabaseResource,
-    clinical_db: DatabaseResource,
-    state_db: DatabaseResource,
-) -> Iterator[Any]:
-    yield from migrate_entity(context, "patients", config, worker, legacy_db, clinical_db, state_db)
+def clinical_asset(entity: str, description: str, deps: Sequence[AssetsDefinition] = ()) -> AssetsDefinition:
+    """One clinical entity of one sistema per materialization, run by the worker."""
+
+    @asset(
+        name=entity,
+        group_name="clinical",
+        partitions_def=sistemas_partitions,
+        deps=deps,
+        retry_policy=MIGRATION_RETRY,
+        kinds={"mariadb", "postgres", "ssh"},
+        description=description,
+    )
+    def migrate(
+        context: AssetExecutionContext,
+        config: MigrationConfig,
+        worker: WorkerResource,
+        legacy_db: DatabaseResource,
+        clinical_db: DatabaseResource,
+        state_db: DatabaseResource,
+    ) -> Iterator[Any]:
+        yield from migrate_entity(context, entity, config, worker, legacy_db, clinical_db, state_db)
+
+    return migrate
 
 
-@asset(
-    group_name="clinical",
-    partitions_def=sistemas_partitions,
+patients = clinical_asset("patients", "clinical.patients of one legacy sistema, migrated from pacientes (DESIGN §6).")
+encounters = clinical_asset(
+    "encounters",
+    "clinical.encounters of one legacy sistema, from atenciones; needs its patients first.",
     deps=[patients],
-    retry_policy=MIGRATION_RETRY,
-    kinds={"mariadb", "postgres", "ssh"},
-    description="clinical.encounters of one legacy sistema, from atenciones; needs its patients first.",
 )
-def encounters(
-    context: AssetExecutionContext,
-    config: MigrationConfig,
-    worker: WorkerResource,
-    legacy_db: DatabaseResource,
-    clinical_db: DatabaseResource,
-    state_db: DatabaseResource,
-) -> Iterator[Any]:
-    yield from migrate_entity(context, "encounters", config, worker, legacy_db, clinical_db, state_db)

@@ -30,7 +30,7 @@ from dagster_pipes import PIPES_PROTOCOL_VERSION_FIELD, PipesExtras, PipesParams
 from pydantic import Field
 
 from resources.errors import Category, MigrationError
-from resources.processes import LocalProcess, Process
+from resources.processes import LocalProcess, Process, Stream
 from resources.ssh import SSHResource
 from worker.redact import redact
 
@@ -42,6 +42,16 @@ EXIT_CATEGORIES = {
     127: Category.COMMAND_NOT_FOUND,
     -1: Category.CONNECTION_ERROR,  # paramiko: the channel closed without an exit status
 }
+
+
+def stream_lines(process: Process, timeout_seconds: float, grace_seconds: float) -> Iterator[tuple[Stream, str]]:
+    """The process's lines; if they stop coming in time or the reader is interrupted, the process
+    is stopped (SIGTERM, then SIGKILL after ``grace_seconds``) before the error goes on."""
+    try:
+        yield from process.lines(time.monotonic() + timeout_seconds)
+    except BaseException:
+        process.stop(grace_seconds)
+        raise
 
 
 class LogBatcher:
@@ -136,16 +146,13 @@ class WorkerPipesClient(PipesClient):
             payload = {**secrets, "pipes": dict(session.get_bootstrap_env_vars())}
             process = self.start(argv, json.dumps(payload).encode())
             try:
-                for stream, line in process.lines(time.monotonic() + self.timeout_seconds):
+                for stream, line in stream_lines(process, self.timeout_seconds, self.grace_seconds):
                     if stream == "stdout" and reader.handle_line(line):
                         logs.flush_if_due()
                         continue
                     if stream == "stderr":
                         stderr_tail.append(redact(line))
                     logs.add(line)
-            except BaseException:  # timed out or interrupted: never leave the worker running
-                process.stop(self.grace_seconds)
-                raise
             finally:
                 logs.flush()
             code = process.wait()
@@ -203,12 +210,8 @@ class WorkerResource(ConfigurableResource):
             process = start([*self.command_argv, "sistemas"], json.dumps(dict(secrets)).encode())
             out: list[str] = []
             err: list[str] = []
-            try:
-                for stream, line in process.lines(time.monotonic() + timeout_seconds):
-                    (out if stream == "stdout" else err).append(line)
-            except MigrationError:
-                process.stop(self.kill_grace_seconds)
-                raise
+            for stream, line in stream_lines(process, timeout_seconds, self.kill_grace_seconds):
+                (out if stream == "stdout" else err).append(line)
             code = process.wait()
         if code != 0:
             raise MigrationError(EXIT_CATEGORIES.get(code, Category.SCRIPT_ERROR), (err or [f"exit {code}"])[-1])

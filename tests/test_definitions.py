@@ -116,3 +116,10 @@ def test_local_transport_reports_a_missing_worker() -> None:
     with pytest.raises(MigrationError) as caught, worker.host() as start:
         start(["/nonexistent/clinic-migrate", "sistemas"], b"{}")
     assert caught.value.category == Category.COMMAND_NOT_FOUND
+
+
+def test_worker_imports_without_dagster() -> None:
+    """The worker runs on the legacy host, where only it and dagster-pipes are installed."""
+    probe = "import sys, worker.cli; print(sorted(m for m in sys.modules if m.split('.')[0] == 'dagster'))"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

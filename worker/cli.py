@@ -91,7 +91,7 @@ def _metadata(result: Result, params: RunParameters) -> dict[str, Any]:
         **{f"quarantined_{reason}": count for reason, count in quarantined.items()},
         "resumed_from_run": result.resumed_from or "",
         "duration_s": round(result.seconds, 3),
-        "rows_per_s": round(counts.read / result.seconds, 1) if result.seconds > 0 else 0.0,
+        "rows_per_s": round(result.read_this_run / result.seconds, 1) if result.seconds > 0 else 0.0,
         "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
 

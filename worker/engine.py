@@ -76,6 +76,7 @@ class Result:
     resumed_from: str | None
     watermark: datetime | None
     seconds: float
+    read_this_run: int  # rows read by this run alone (a resumed run's counts include its predecessor's)
 
 
 def utcnow() -> datetime:
@@ -126,6 +127,7 @@ class Migration:
         resumed_from = checkpoint["run_id"] if checkpoint else None
         if resumed_from:
             self.log(f"resuming after legacy id {after}, checkpointed by run {resumed_from}")
+        read_before = counts.read
         self._record_run_start(mode, resumed_from)
         try:
             with self.legacy.connect() as source, self.target.connect() as target:
@@ -142,7 +144,7 @@ class Migration:
             self._record_run_end("failed", counts, None)
             raise
         self._record_run_end("succeeded", counts, watermark)
-        return Result(counts, mode, resumed_from, watermark, time.monotonic() - started)
+        return Result(counts, mode, resumed_from, watermark, time.monotonic() - started, counts.read - read_before)
 
     def _migrate(
         self,

@@ -242,6 +242,8 @@ def create_schemas(engine: Engine, *metadatas: MetaData) -> None:
     """Create the named schemas (PostgreSQL) and any missing table; existing ones are kept."""
     with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
+            # Two workers starting at once must not race on CREATE: one waits for the other.
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(727274)")
             for schema in sorted({t.schema for m in metadatas for t in m.tables.values() if t.schema}):
                 conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
         for metadata in metadatas:
