@@ -287,6 +287,9 @@ def test_killed_worker_resumes_without_duplicates(sshd: SSHServer, mariadb_url: 
         quarantined = conn.execute(text("SELECT count(*) FROM migration.quarantine")).scalar()
     assert duplicates == 0 and inserted_twice == 0
     assert quarantined == sum(expected["quarantined"].values())
+    with clinical.target.connect() as conn:
+        killed = conn.execute(text("SELECT status FROM migration.runs WHERE run_id = 'killed-run'")).scalar()
+    assert killed == "interrupted"
 
 
 def _all_log_text(instance: DagsterInstance, run_id: str) -> str:

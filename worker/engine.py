@@ -116,6 +116,7 @@ class Migration:
         schema.create_schemas(self.state, schema.state_metadata)
         p = self.params
         with self.state.begin() as conn:
+            self._close_interrupted_runs(conn)
             checkpoint = None if p.dry_run else self._resumable_checkpoint(conn)
             since = self._last_watermark(conn) if p.mode == "incremental" else None
         mode = "incremental" if since is not None else "full"
@@ -392,13 +393,17 @@ class Migration:
         if row["parameters"] != self._parameters():
             self.log(f"checkpoint of run {row['run_id']} had other parameters: starting over")
             return None
+        return row
+
+    def _close_interrupted_runs(self, conn: Connection) -> None:
+        """Runs of this entity and sistema still marked running were killed: say so."""
+        r = schema.runs
         conn.execute(
-            update(schema.runs)
-            .where(schema.runs.c.run_id == row["run_id"], schema.runs.c.entity == self.params.entity,
-                   schema.runs.c.partition_key == self.params.sistema, schema.runs.c.status == "running")
+            update(r)
+            .where(r.c.entity == self.params.entity, r.c.partition_key == self.params.sistema,
+                   r.c.status == "running", r.c.run_id != self.params.run_id)
             .values(status="interrupted")
         )  # fmt: skip
-        return row
 
     def _last_watermark(self, conn: Connection) -> datetime | None:
         r = schema.runs

@@ -27,6 +27,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
 )
+from sqlalchemy.engine import make_url
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 
@@ -232,6 +233,10 @@ runs = Table(
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine that never puts bound values (patient data) into exception messages."""
+    if make_url(url).get_driver_name() == "psycopg":
+        # Never switch to server-side generic plans: a range or IN list planned without its
+        # values can turn every batch's index lookup into a scan of a growing table.
+        kwargs.setdefault("connect_args", {}).setdefault("prepare_threshold", None)
     engine = create_engine(url, hide_parameters=True, pool_pre_ping=True, **kwargs)
     if engine.dialect.name == "sqlite":
         engine = engine.execution_options(schema_translate_map={"clinical": None, "migration": None})
