@@ -63,8 +63,11 @@ class SSHProcess:
         self.client = client
         self.channel = client.get_transport().open_session()  # type: ignore[union-attr]
         self.channel.exec_command(command)
-        self.channel.sendall(stdin)
-        self.channel.shutdown_write()
+        try:
+            self.channel.sendall(stdin)
+            self.channel.shutdown_write()
+        except OSError:
+            pass  # it exited before reading its input: its output and exit status say why
         self.pid: int | None = None
 
     def lines(self, deadline: float) -> Iterator[tuple[Stream, str]]:
@@ -139,8 +142,11 @@ class LocalProcess:
         for reader in self.readers:
             reader.start()
         assert self.popen.stdin is not None
-        self.popen.stdin.write(stdin)
-        self.popen.stdin.close()
+        try:
+            self.popen.stdin.write(stdin)
+            self.popen.stdin.close()
+        except BrokenPipeError:
+            pass  # it exited before reading its input: its output and exit status say why
 
     def _pump(self, stream: Stream, pipe: object) -> None:
         for raw in iter(pipe.readline, b""):  # type: ignore[attr-defined]

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import time
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -24,6 +25,8 @@ from resources.databases import DatabaseResource
 from resources.ssh import SSHResource
 from resources.worker import WorkerResource
 from worker import schema
+from worker.engine import Migration, PartitionBusy
+from worker.params import RunParameters
 
 from .conftest import WORKER_COMMAND
 
@@ -345,3 +348,15 @@ def test_parameters_are_refused_before_anything_connects(clinical: Clinical) -> 
         failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
         assert "VALIDATION_ERROR" in str(failure.step_failure_data.error)
         assert not [e for e in result.all_events if e.event_type_value == "STEP_RESTARTED"]
+
+
+def test_one_worker_per_entity_and_sistema_at_a_time(mariadb_url: str, postgres_url: str) -> None:
+    legacy, target = schema.make_engine(mariadb_url), schema.make_engine(postgres_url)
+    generate(legacy, patients_per_sistema=30, sistemas=("HSJ",))
+    params = RunParameters(entity="patients", sistema="HSJ", usuario="ana", run_id="first")
+    with Migration(params, legacy, target)._exclusive():  # e.g. an orphan of a dropped SSH session
+        with pytest.raises(PartitionBusy, match="another worker holds patients/HSJ"):
+            Migration(replace(params, run_id="second"), legacy, target, lock_wait_seconds=0.5).run()
+        other = Migration(replace(params, entity="encounters", run_id="third"), legacy, target, lock_wait_seconds=0.5)
+        assert other.run().counts.read > 0  # another entity is not blocked
+    assert Migration(replace(params, run_id="fourth"), legacy, target).run().counts.inserted > 0

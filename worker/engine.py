@@ -13,21 +13,25 @@ rows whose source is gone, soft-deleted or now quarantined are deleted as the ru
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, RowMapping, Table, and_, delete, func, select, update
+from sqlalchemy import Connection, Engine, RowMapping, Table, and_, delete, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import OperationalError
 
 from worker import rules, schema, store
 from worker.params import RunParameters
 
 LOWEST = -(2**62)
 HIGHEST = 2**62
+ANALYZE_FIRST = 10_000
 DUPLICATE_DETAIL = "a lower legacy id of the sistema holds the same document"
 SOURCES: dict[str, Table] = {"patients": schema.pacientes, "encounters": schema.atenciones}
 
@@ -58,6 +62,10 @@ class Counts:
     @property
     def migrated(self) -> int:
         return self.inserted + self.updated + self.unchanged
+
+
+class PartitionBusy(RuntimeError):
+    """Another worker is migrating the same entity and sistema."""
 
 
 @dataclass
@@ -96,6 +104,7 @@ class Migration:
         today: date | None = None,
         log: Callable[[str], None] = lambda _: None,
         progress: Callable[[Counts], None] = lambda _: None,
+        lock_wait_seconds: float = 120.0,
     ) -> None:
         self.params = params
         self.legacy = legacy
@@ -105,6 +114,7 @@ class Migration:
         self.today = today or date.today()
         self.log = log
         self.progress = progress
+        self.lock_wait_seconds = lock_wait_seconds
         self.source = SOURCES[params.entity]
         self.table = schema.TARGETS[params.entity]
 
@@ -131,7 +141,7 @@ class Migration:
         read_before = counts.read
         self._record_run_start(mode, resumed_from)
         try:
-            with self.legacy.connect() as source, self.target.connect() as target:
+            with self._exclusive(), self.legacy.connect() as source, self.target.connect() as target:
                 state = target if self.same_db else self.state.connect()
                 try:
                     self._migrate(source, target, state, mode, since, after, counts, watermark)
@@ -147,6 +157,32 @@ class Migration:
         self._record_run_end("succeeded", counts, watermark)
         return Result(counts, mode, resumed_from, watermark, time.monotonic() - started, counts.read - read_before)
 
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """One worker per entity and sistema at a time, even if an orphaned one lingers after a
+        dropped SSH session: a PostgreSQL advisory lock on the control DB, released on exit or
+        when the holder dies."""
+        if self.state.dialect.name != "postgresql":
+            yield  # SQLite (the demo) serializes writers by itself
+            return
+        digest = hashlib.sha256(f"migration:{self.params.entity}:{self.params.sistema}".encode()).digest()
+        key = int.from_bytes(digest[:8], "big", signed=True)
+        with self.state.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(
+                text("SELECT set_config('lock_timeout', :t, false)"), {"t": f"{int(self.lock_wait_seconds * 1000)}ms"}
+            )
+            try:
+                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            except OperationalError:
+                raise PartitionBusy(
+                    f"another worker holds {self.params.entity}/{self.params.sistema} "
+                    f"after {self.lock_wait_seconds:.0f} s of waiting"
+                ) from None
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+
     def _migrate(
         self,
         source: Connection,
@@ -158,14 +194,19 @@ class Migration:
         counts: Counts,
         watermark: datetime | None,
     ) -> None:
+        read_before = counts.read
         last_report = time.monotonic()
         lo = after
+        next_analyze = ANALYZE_FIRST
         for rows in self._stream(source, after, since):
             hi = rows[-1]["id"]
             self._apply_batch(target, state, rows, mode, lo, hi, counts)
             lo = hi
             self._checkpoint(state, hi, counts, watermark, "running")
             self._commit(target, state)
+            if counts.read - read_before >= next_analyze:  # at 10k, 20k, 40k … rows: O(log n) times
+                self._analyze(target, state)
+                next_analyze *= 2
             if time.monotonic() - last_report >= 5:
                 self.progress(counts)
                 last_report = time.monotonic()
@@ -173,7 +214,13 @@ class Migration:
             self._apply_batch(target, state, [], mode, lo, HIGHEST, counts)
         self._checkpoint(state, lo, counts, watermark, "done")
         self._commit(target, state)
+        self._analyze(target, state)  # the next entity looks this one up
         self.progress(counts)
+
+    def _analyze(self, target: Connection, state: Connection) -> None:
+        store.analyze(target, self.table)
+        store.analyze(state, schema.ledger, schema.quarantine)
+        self._commit(target, state)
 
     def _commit(self, target: Connection, state: Connection) -> None:
         if self.params.dry_run:

@@ -20,7 +20,7 @@ def jsonable(row: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v.isoformat() if isinstance(v, (date, datetime)) else v for k, v in row.items()}
 
 
-def _qualified(conn: Connection, table: Table) -> str:
+def qualified_name(conn: Connection, table: Table) -> str:
     schema = (conn.get_execution_options().get("schema_translate_map") or {}).get(table.schema, table.schema)
     return f'"{schema}"."{table.name}"' if schema else f'"{table.name}"'
 
@@ -44,7 +44,7 @@ def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]
     as_json = {c for c in columns if isinstance(table.c[c].type, JSON)}
     _copy(
         conn,
-        _qualified(conn, table),
+        qualified_name(conn, table),
         columns,
         ([json.dumps(r[c]) if c in as_json and r[c] is not None else r[c] for c in columns] for r in rows),
     )
@@ -66,13 +66,21 @@ def upsert_rows(conn: Connection, table: Table, key: Sequence[str], rows: Sequen
     stage = f"stage_{table.name}"
     names = ", ".join(f'"{c}"' for c in columns)
     conn.exec_driver_sql(
-        f"CREATE TEMP TABLE IF NOT EXISTS {stage} AS SELECT {names} FROM {_qualified(conn, table)} WITH NO DATA"
+        f"CREATE TEMP TABLE IF NOT EXISTS {stage} AS SELECT {names} FROM {qualified_name(conn, table)} WITH NO DATA"
     )
     conn.exec_driver_sql(f"TRUNCATE {stage}")
     _copy(conn, stage, columns, ([r[c] for c in columns] for r in rows))
-    target = _qualified(conn, table)
+    target = qualified_name(conn, table)
     assignments = ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in updates)
     keys = ", ".join(f'"{c}"' for c in key)
     conn.exec_driver_sql(
         f"INSERT INTO {target} ({names}) SELECT {names} FROM {stage} ON CONFLICT ({keys}) DO UPDATE SET {assignments}"
     )
+
+
+def analyze(conn: Connection, *tables: Table) -> None:
+    """Refresh PostgreSQL's planner statistics: a table that grew from nothing inside one run is
+    still 'empty' to the planner until autovacuum gets to it, and its lookups turn into scans."""
+    if conn.dialect.name == "postgresql":
+        for table in tables:
+            conn.exec_driver_sql(f"ANALYZE {qualified_name(conn, table)}")
