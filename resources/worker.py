@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -55,7 +56,8 @@ def stream_lines(process: Process, timeout_seconds: float, grace_seconds: float)
 
 
 class LogBatcher:
-    """Redacted output lines, sent as one log event per 50 lines or per second."""
+    """Redacted output lines, sent as one log event per 50 lines or per second at the latest
+    (a timer flushes a batch even when the worker goes quiet)."""
 
     def __init__(self, emit: Callable[[str], None], max_lines: int = 50, max_seconds: float = 1.0) -> None:
         self.emit = emit
@@ -63,11 +65,17 @@ class LogBatcher:
         self.max_seconds = max_seconds
         self.lines: list[str] = []
         self.first_at = 0.0
+        self.lock = threading.Lock()
+        self.timer: threading.Timer | None = None
 
     def add(self, line: str) -> None:
-        if not self.lines:
-            self.first_at = time.monotonic()
-        self.lines.append(redact(line))
+        with self.lock:
+            if not self.lines:
+                self.first_at = time.monotonic()
+                self.timer = threading.Timer(self.max_seconds, self.flush)
+                self.timer.daemon = True
+                self.timer.start()
+            self.lines.append(redact(line))
         self.flush_if_due()
 
     def flush_if_due(self) -> None:
@@ -75,9 +83,13 @@ class LogBatcher:
             self.flush()
 
     def flush(self) -> None:
-        if self.lines:
-            self.emit("\n".join(self.lines))
-            self.lines = []
+        with self.lock:
+            lines, self.lines = self.lines, []
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+        if lines:
+            self.emit("\n".join(lines))
 
 
 class PipesStdoutMessageReader(PipesMessageReader):

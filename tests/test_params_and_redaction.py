@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import pytest
@@ -98,6 +99,16 @@ def test_log_batches_flush_after_a_second(monkeypatch: pytest.MonkeyPatch) -> No
     now[0] = 1.2
     batcher.flush_if_due()
     assert events == ["a\nb"]
+
+
+def test_a_quiet_worker_still_gets_its_lines_out_within_a_second() -> None:
+    events: list[str] = []
+    batcher = LogBatcher(events.append, max_seconds=0.2)
+    batcher.add("only line")
+    deadline = time.monotonic() + 5
+    while not events and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert events == ["only line"]
 
 
 @pytest.mark.parametrize(
