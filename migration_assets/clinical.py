@@ -66,25 +66,6 @@ def run_parameters(context: AssetExecutionContext, entity: str, config: Migratio
         raise MigrationError(Category.VALIDATION_ERROR, str(problem)).as_failure() from None
 
 
-def migrate_entity(
-    context: AssetExecutionContext,
-    entity: str,
-    config: MigrationConfig,
-    worker: WorkerResource,
-    legacy_db: DatabaseResource,
-    clinical_db: DatabaseResource,
-    state_db: DatabaseResource,
-) -> Iterator[Any]:
-    params = run_parameters(context, entity, config)
-    secrets = {"legacy_db_url": legacy_db.url, "target_db_url": clinical_db.url, "state_db_url": state_db.url}
-    try:
-        invocation = worker.migrate(context, params.worker_argv(), secrets, config.timeout_seconds)
-    except MigrationError as problem:
-        context.log.error(str(problem))
-        raise problem.as_failure() from None
-    yield from invocation.get_results()
-
-
 def clinical_asset(entity: str, description: str, deps: Sequence[AssetsDefinition] = ()) -> AssetsDefinition:
     """One clinical entity of one sistema per materialization, run by the worker."""
 
@@ -105,7 +86,14 @@ def clinical_asset(entity: str, description: str, deps: Sequence[AssetsDefinitio
         clinical_db: DatabaseResource,
         state_db: DatabaseResource,
     ) -> Iterator[Any]:
-        yield from migrate_entity(context, entity, config, worker, legacy_db, clinical_db, state_db)
+        params = run_parameters(context, entity, config)
+        secrets = {"legacy_db_url": legacy_db.url, "target_db_url": clinical_db.url, "state_db_url": state_db.url}
+        try:
+            invocation = worker.migrate(context, params.worker_argv(), secrets, config.timeout_seconds)
+        except MigrationError as problem:
+            context.log.error(str(problem))
+            raise problem.as_failure() from None
+        yield from invocation.get_results()
 
     return migrate
 

@@ -45,6 +45,13 @@ EXIT_CATEGORIES = {
 }
 
 
+def raise_for_exit(code: int, stderr: Sequence[str]) -> None:
+    """A non-zero exit as its §8 category, with the worker's last words (redacted)."""
+    if code != 0:
+        last = next((line for line in reversed(stderr) if line.strip()), f"exit code {code}")
+        raise MigrationError(EXIT_CATEGORIES.get(code, Category.SCRIPT_ERROR), f"worker exited with {code}: {last}")
+
+
 def stream_lines(process: Process, timeout_seconds: float, grace_seconds: float) -> Iterator[tuple[Stream, str]]:
     """The process's lines; if they stop coming in time or the reader is interrupted, the process
     is stopped (SIGTERM, then SIGKILL after ``grace_seconds``) before the error goes on."""
@@ -168,10 +175,7 @@ class WorkerPipesClient(PipesClient):
             finally:
                 logs.flush()
             code = process.wait()
-        if code != 0:
-            category = EXIT_CATEGORIES.get(code, Category.SCRIPT_ERROR)
-            last = next((line for line in reversed(stderr_tail) if line.strip()), f"exit code {code}")
-            raise MigrationError(category, f"worker exited with {code}: {last}")
+        raise_for_exit(code, stderr_tail)
         return PipesClientCompletedInvocation(session)
 
 
@@ -225,8 +229,7 @@ class WorkerResource(ConfigurableResource):
             for stream, line in stream_lines(process, timeout_seconds, self.kill_grace_seconds):
                 (out if stream == "stdout" else err).append(line)
             code = process.wait()
-        if code != 0:
-            raise MigrationError(EXIT_CATEGORIES.get(code, Category.SCRIPT_ERROR), (err or [f"exit {code}"])[-1])
+        raise_for_exit(code, err)
         for line in out:
             if line.startswith('{"sistemas"'):
                 return list(json.loads(line)["sistemas"])

@@ -123,3 +123,12 @@ def test_worker_imports_without_dagster() -> None:
     probe = "import sys, worker.cli; print(sorted(m for m in sys.modules if m.split('.')[0] == 'dagster'))"
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("stdin", "message"), [("{}", "lacks legacy_db_url, target_db_url"), ("not json", "one JSON object")]
+)
+def test_worker_refuses_missing_secrets_with_exit_2(stdin: str, message: str) -> None:
+    argv = [WORKER_COMMAND, "migrate", "--entity", "patients", "--sistema", "HSJ", "--usuario", "a", "--run-id", "r"]
+    done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and message in done.stderr

@@ -156,14 +156,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         reporter = Reporter(pipes)
         try:
+            required = ("legacy_db_url",) if args.command == "sistemas" else ("legacy_db_url", "target_db_url")
+            missing = [key for key in required if not secrets.get(key)]
+            if missing:
+                raise InvalidParameters(f"stdin JSON lacks {', '.join(missing)}")
             if args.command == "sistemas":
                 return _sistemas(secrets)
             return _migrate(args, secrets, reporter)
         except InvalidParameters as problem:
             print(f"VALIDATION_ERROR: {problem}", file=sys.stderr, flush=True)
-            return EXIT_BAD_PARAMETERS
-        except KeyError as missing:
-            print(f"VALIDATION_ERROR: stdin JSON lacks {missing}", file=sys.stderr, flush=True)
             return EXIT_BAD_PARAMETERS
         except (OperationalError, InterfaceError) as problem:
             if problem.connection_invalidated or "connect" in str(problem.orig).lower():
