@@ -132,3 +132,18 @@ def test_worker_refuses_missing_secrets_with_exit_2(stdin: str, message: str) ->
     argv = [WORKER_COMMAND, "migrate", "--entity", "patients", "--sistema", "HSJ", "--usuario", "a", "--run-id", "r"]
     done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and message in done.stderr
+
+
+@pytest.mark.integration
+def test_production_instance_runs_on_postgres_with_the_run_queue_limits(
+    postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
+    monkeypatch.setenv("DAGSTER_PG_URL", postgres_url.replace("postgresql+psycopg://", "postgresql://"))
+    with DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        queue = instance.get_concurrency_config().run_queue_config
+        assert queue is not None and queue.max_concurrent_runs == 10
+        limits = {limit["key"]: (limit["limit"], limit.get("value")) for limit in queue.tag_concurrency_limits}
+        assert limits["migration/kind"] == (2, "migration")
+        assert limits["dagster/partition"][0] == 1 and limits["migration/usuario"][0] == 1
