@@ -110,6 +110,7 @@ def _migrate(args: argparse.Namespace, secrets: dict[str, Any], reporter: Report
             batch_size=args.batch_size,
         )
     )
+    _require(secrets, "legacy_db_url", "target_db_url")
     target = schema.make_engine(secrets["target_db_url"])
     state_url = secrets.get("state_db_url") or secrets["target_db_url"]
     state = target if state_url == secrets["target_db_url"] else schema.make_engine(state_url)
@@ -126,7 +127,14 @@ def _migrate(args: argparse.Namespace, secrets: dict[str, Any], reporter: Report
     return EXIT_OK
 
 
+def _require(secrets: dict[str, Any], *keys: str) -> None:
+    missing = [key for key in keys if not secrets.get(key)]
+    if missing:
+        raise InvalidParameters(f"stdin JSON lacks {', '.join(missing)}")
+
+
 def _sistemas(secrets: dict[str, Any]) -> int:
+    _require(secrets, "legacy_db_url")
     s = schema.sistemas
     with schema.make_engine(secrets["legacy_db_url"]).connect() as conn:
         codes = conn.scalars(select(s.c.codigo).where(s.c.activo == 1).order_by(s.c.codigo)).all()
@@ -156,10 +164,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         reporter = Reporter(pipes)
         try:
-            required = ("legacy_db_url",) if args.command == "sistemas" else ("legacy_db_url", "target_db_url")
-            missing = [key for key in required if not secrets.get(key)]
-            if missing:
-                raise InvalidParameters(f"stdin JSON lacks {', '.join(missing)}")
             if args.command == "sistemas":
                 return _sistemas(secrets)
             return _migrate(args, secrets, reporter)
