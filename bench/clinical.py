@@ -17,28 +17,13 @@ import time
 import uuid
 from pathlib import Path
 
-from sqlalchemy import create_engine
-
+from demo.databases import MARIADB_ADMIN, POSTGRES_ADMIN, throwaway_database
 from demo.legacy_data import generate
 from demo.sshd import running_sshd
 from resources.ssh import SSHResource
 from worker import schema
 
-MARIADB = "mysql+pymysql://root@127.0.0.1:3306/mysql"
-POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 WORKER = str(Path(sys.executable).with_name("clinic-migrate"))
-
-
-def _database(admin_url: str, name: str, *, drop: bool = False) -> str:
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        if drop:
-            if admin.dialect.name == "postgresql":
-                conn.exec_driver_sql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
-        else:
-            conn.exec_driver_sql(f"CREATE DATABASE {name}")
-    return admin.url.set(database=name).render_as_string(hide_password=False)
 
 
 def main() -> None:
@@ -50,9 +35,10 @@ def main() -> None:
     args = parser.parse_args()
 
     tag = uuid.uuid4().hex[:8]
-    legacy_url = _database(MARIADB, f"bench_legacy_{tag}")
-    target_url = _database(POSTGRES, f"bench_clinical_{tag}")
-    try:
+    with (
+        throwaway_database(MARIADB_ADMIN, "bench_legacy", keep=args.keep) as legacy_url,
+        throwaway_database(POSTGRES_ADMIN, "bench_clinical", keep=args.keep) as target_url,
+    ):
         started = time.monotonic()
         generate(
             schema.make_engine(legacy_url),
@@ -82,10 +68,6 @@ def main() -> None:
                     f"{result['rows_per_s']:>8.0f} {result['worker_peak_rss_mb']:>12.1f}",
                     flush=True,
                 )
-    finally:
-        if not args.keep:
-            _database(MARIADB, f"bench_legacy_{tag}", drop=True)
-            _database(POSTGRES, f"bench_clinical_{tag}", drop=True)
 
 
 if __name__ == "__main__":

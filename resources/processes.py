@@ -52,7 +52,7 @@ class _LineSplitter:
         return [rest.decode("utf-8", "replace")] if rest else []
 
 
-def _timed_out(deadline: float) -> MigrationError:
+def _timed_out() -> MigrationError:
     return MigrationError(Category.TIMEOUT_ERROR, "the worker did not finish in time and was stopped")
 
 
@@ -89,7 +89,7 @@ class SSHProcess:
             if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
                 break
             if time.monotonic() > deadline:
-                raise _timed_out(deadline)
+                raise _timed_out()
             if not progressed:
                 time.sleep(0.02)
         for line in out.rest():
@@ -160,7 +160,7 @@ class LocalProcess:
                 item = self.queue.get(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
             except queue.Empty:
                 if time.monotonic() > deadline:
-                    raise _timed_out(deadline) from None
+                    raise _timed_out() from None
                 continue
             if item is None:
                 open_streams -= 1

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import os
 import sys
-import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
+from demo import databases
+from demo.databases import throwaway_database
 from demo.sshd import SSHServer, running_sshd, sshd_available
 
-MARIADB_ADMIN = os.getenv("TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/mysql")
-POSTGRES_ADMIN = os.getenv("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+MARIADB_ADMIN = os.getenv("TEST_MARIADB_URL", databases.MARIADB_ADMIN)
+POSTGRES_ADMIN = os.getenv("TEST_POSTGRES_URL", databases.POSTGRES_ADMIN)
 WORKER_COMMAND = str(Path(sys.executable).with_name("clinic-migrate"))
 IN_CI = os.getenv("CI", "").lower() == "true"
 
@@ -32,20 +33,12 @@ def unavailable(what: str) -> None:
 
 
 def _fresh_database(admin_url: str, prefix: str) -> Iterator[str]:
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    try:
-        admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"CREATE DATABASE {name}")
-    except Exception as problem:
-        unavailable(f"{admin_url.split('+')[0]} ({type(problem).__name__})")
-    url = admin.url.set(database=name).render_as_string(hide_password=False)
-    yield url
-    with admin.connect() as conn:
-        if admin.dialect.name == "postgresql":
-            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name})
-        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
-    admin.dispose()
+    with ExitStack() as stack:
+        try:
+            url = stack.enter_context(throwaway_database(admin_url, prefix))
+        except Exception as problem:
+            unavailable(f"{admin_url.split('+')[0]} ({type(problem).__name__})")
+        yield url
 
 
 @pytest.fixture

@@ -360,3 +360,32 @@ def test_one_worker_per_entity_and_sistema_at_a_time(mariadb_url: str, postgres_
         other = Migration(replace(params, entity="encounters", run_id="third"), legacy, target, lock_wait_seconds=0.5)
         assert other.run().counts.read > 0  # another entity is not blocked
     assert Migration(replace(params, run_id="fourth"), legacy, target).run().counts.inserted > 0
+
+
+@pytest.mark.parametrize("mode", ["full", "incremental"])
+def test_a_document_freed_by_a_soft_delete_goes_to_the_next_claimant(clinical: Clinical, mode: str) -> None:
+    """A lower row that this very batch deletes must not make a valid row a duplicate."""
+    assert clinical.materialize("HSJ", assets=(patients,)).success
+    low, high = clinical.scalar(
+        clinical.target, "SELECT array_agg(legacy_id ORDER BY legacy_id) FROM clinical.patients"
+    )[:2]
+    pacientes = schema.pacientes
+    with clinical.legacy.begin() as conn:  # a document no other row has
+        conn.execute(update(pacientes).where(pacientes.c.id == low).values(documento="FREED-0001"))
+    assert clinical.materialize("HSJ", assets=(patients,)).success
+    later = clinical.scalar(clinical.legacy, "SELECT max(actualizado_en) FROM pacientes") + timedelta(hours=1)
+    with clinical.legacy.begin() as conn:
+        conn.execute(update(pacientes).where(pacientes.c.id == low).values(eliminado=1, actualizado_en=later))
+        conn.execute(
+            update(pacientes).where(pacientes.c.id == high).values(documento=" freed 0001", actualizado_en=later)
+        )
+    result = clinical.materialize("HSJ", assets=(patients,), mode=mode)
+    assert result.success
+    meta = metadata(result, "patients")
+    assert (meta["deleted"], meta["updated"], meta["inserted"]) == (1, 1, 0)
+    with clinical.target.connect() as conn:
+        holder = conn.execute(text("SELECT legacy_id FROM clinical.patients WHERE national_id = 'FREED0001'")).scalar()
+        quarantined = conn.execute(
+            text("SELECT count(*) FROM migration.quarantine WHERE legacy_id = :h"), {"h": high}
+        ).scalar()
+    assert holder == high and quarantined == 0

@@ -112,8 +112,8 @@ def _migrate(args: argparse.Namespace, secrets: dict[str, Any], reporter: Report
     )
     _require(secrets, "legacy_db_url", "target_db_url")
     target = schema.make_engine(secrets["target_db_url"])
-    state_url = secrets.get("state_db_url") or secrets["target_db_url"]
-    state = target if state_url == secrets["target_db_url"] else schema.make_engine(state_url)
+    state_url = secrets.get("state_db_url")
+    state = schema.make_engine(state_url) if state_url and state_url != secrets["target_db_url"] else None
     migration = Migration(
         params,
         schema.make_engine(secrets["legacy_db_url"]),

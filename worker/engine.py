@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, RowMapping, Table, and_, delete, func, select, text, update
+from sqlalchemy import Connection, Engine, RowMapping, Table, and_, delete, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
 
@@ -110,7 +110,7 @@ class Migration:
         self.legacy = legacy
         self.target = target
         self.state = state if state is not None else target
-        self.same_db = self.state is target or str(self.state.url) == str(target.url)
+        self.same_db = self.state is target  # then each batch's data and bookkeeping commit together
         self.today = today or date.today()
         self.log = log
         self.progress = progress
@@ -264,9 +264,13 @@ class Migration:
         t = self.table
         eligible = [r for r in rows if not r["eliminado"]]
         counts.read += len(rows)
-        outcome = self._decide(target, eligible)
         batch_ids = [r["id"] for r in rows]
-        scope = and_(t.c.legacy_id > lo, t.c.legacy_id <= hi) if mode == "full" else t.c.legacy_id.in_(batch_ids)
+        if mode == "full":  # the batch decides every legacy id of its range
+            scope = and_(t.c.legacy_id > lo, t.c.legacy_id <= hi)
+            outcome = self._decide(target, eligible, lambda legacy_id: lo < legacy_id <= hi)
+        else:  # the batch decides the ids it read
+            scope = t.c.legacy_id.in_(batch_ids)
+            outcome = self._decide(target, eligible, set(batch_ids).__contains__)
         existing = {
             r["legacy_id"]: r for r in target.execute(select(t).where(t.c.sistema == p.sistema, scope)).mappings()
         }
@@ -289,7 +293,7 @@ class Migration:
             )
 
         doomed = [row for legacy_id, row in existing.items() if legacy_id not in outcome.records]
-        doomed += [row for row in outcome.evicted if row["legacy_id"] not in existing]
+        doomed += outcome.evicted  # outside the scope, so never in ``existing``
         if doomed:
             target.execute(delete(t).where(t.c.id.in_([row["id"] for row in doomed])))
             for row in doomed:
@@ -298,8 +302,9 @@ class Migration:
 
         writes: list[dict[str, Any]] = []
         inserted: list[int] = []
+        outcome_hashes: dict[int, str] = {}
         for legacy_id, record in outcome.records.items():
-            digest = rules.content_hash(record)
+            digest = outcome_hashes[legacy_id] = rules.content_hash(record)
             old = existing.get(legacy_id)
             if old is not None and old["content_hash"] == digest:
                 entry(legacy_id, "unchanged", old["id"], digest, None)
@@ -312,29 +317,18 @@ class Migration:
             else:
                 entry(legacy_id, "updated", old["id"], digest, store.jsonable(old))
                 counts.updated += 1
-        store.upsert_rows(target, t, ("sistema", "legacy_id"), writes)
-        if inserted:
-            new_ids = dict(
-                target.execute(
-                    select(t.c.legacy_id, t.c.id).where(t.c.sistema == p.sistema, t.c.legacy_id.in_(inserted))
-                ).all()
-            )
-            hashes = {w["legacy_id"]: w["content_hash"] for w in writes}
-            for legacy_id in inserted:
-                entry(legacy_id, "inserted", new_ids[legacy_id], hashes[legacy_id], None)
+        new_ids = dict(store.upsert_rows(target, t, ("sistema", "legacy_id"), writes, returning=("legacy_id", "id")))
+        for legacy_id in inserted:
+            entry(legacy_id, "inserted", new_ids[legacy_id], outcome_hashes[legacy_id], None)
 
-        quarantined = dict(outcome.quarantined)
-        for row in outcome.evicted:
-            if row["legacy_id"] not in existing:  # in range but not streamed: no longer eligible
-                quarantined[row["legacy_id"]] = rules.Quarantined(rules.DUPLICATE_DOCUMENT, DUPLICATE_DETAIL)
         counts.quarantined.update(problem.reason for problem in outcome.quarantined.values())
-        self._write_state(state, ledger, quarantined, mode, lo, hi, batch_ids, now)
+        self._write_state(state, ledger, outcome, mode, lo, hi, batch_ids, now)
 
     def _write_state(
         self,
         state: Connection,
         ledger: list[dict[str, Any]],
-        quarantined: Mapping[int, rules.Quarantined],
+        outcome: Outcome,
         mode: str,
         lo: int,
         hi: int,
@@ -347,9 +341,12 @@ class Migration:
         store.insert_rows(state, schema.ledger, ledger)
         covered = and_(q.c.legacy_id > lo, q.c.legacy_id <= hi) if mode == "full" else q.c.legacy_id.in_(batch_ids)
         mine = and_(q.c.entity == p.entity, q.c.partition_key == p.sistema)
-        state.execute(delete(q).where(mine, covered))
-        if quarantined:
-            state.execute(delete(q).where(mine, q.c.legacy_id.in_(list(quarantined))))
+        evicted = [row["legacy_id"] for row in outcome.evicted]  # outside the covered rows
+        state.execute(delete(q).where(mine, or_(covered, q.c.legacy_id.in_(evicted)) if evicted else covered))
+        quarantined = {
+            **outcome.quarantined,
+            **{legacy_id: rules.Quarantined(rules.DUPLICATE_DOCUMENT, DUPLICATE_DETAIL) for legacy_id in evicted},
+        }
         store.insert_rows(
             state,
             q,
@@ -367,12 +364,14 @@ class Migration:
             ],
         )
 
-    def _decide(self, target: Connection, eligible: Sequence[RowMapping]) -> Outcome:
+    def _decide(self, target: Connection, eligible: Sequence[RowMapping], in_scope: Callable[[int], bool]) -> Outcome:
         if self.params.entity == "patients":
-            return self._decide_patients(target, eligible)
+            return self._decide_patients(target, eligible, in_scope)
         return self._decide_encounters(target, eligible)
 
-    def _decide_patients(self, target: Connection, eligible: Sequence[RowMapping]) -> Outcome:
+    def _decide_patients(
+        self, target: Connection, eligible: Sequence[RowMapping], in_scope: Callable[[int], bool]
+    ) -> Outcome:
         outcome = Outcome()
         for row in eligible:
             try:
@@ -383,15 +382,14 @@ class Migration:
         if not claims:
             return outcome
         t = self.table
+        # Target rows this batch decides (its range, or its ids) hold nothing: they are about to
+        # be rewritten or deleted. Only rows outside the batch can already own a document.
         holders = {
             r["national_id"]: r
             for r in target.execute(
-                select(t).where(
-                    t.c.sistema == self.params.sistema,
-                    t.c.national_id.in_(set(claims.values())),
-                    t.c.legacy_id.not_in([r["id"] for r in eligible]),
-                )
+                select(t).where(t.c.sistema == self.params.sistema, t.c.national_id.in_(set(claims.values())))
             ).mappings()
+            if not in_scope(r["legacy_id"])
         }
         owners, losers = rules.first_claim_wins(claims, {n: r["legacy_id"] for n, r in holders.items()})
         for legacy_id in losers:

@@ -25,10 +25,13 @@ def qualified_name(conn: Connection, table: Table) -> str:
     return f'"{schema}"."{table.name}"' if schema else f'"{table.name}"'
 
 
+def _names(columns: Sequence[str]) -> str:
+    return ", ".join(f'"{c}"' for c in columns)
+
+
 def _copy(conn: Connection, qualified: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    names = ", ".join(f'"{c}"' for c in columns)
-    with cursor, cursor.copy(f"COPY {qualified} ({names}) FROM STDIN") as copy:
+    with cursor, cursor.copy(f"COPY {qualified} ({_names(columns)}) FROM STDIN") as copy:
         for row in rows:
             copy.write_row(row)
 
@@ -50,21 +53,28 @@ def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]
     )
 
 
-def upsert_rows(conn: Connection, table: Table, key: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
-    """Insert or overwrite rows by ``key``: COPY into a staging table + one ON CONFLICT statement."""
+def upsert_rows(
+    conn: Connection,
+    table: Table,
+    key: Sequence[str],
+    rows: Sequence[Mapping[str, Any]],
+    returning: Sequence[str] = (),
+) -> list[tuple[Any, ...]]:
+    """Insert or overwrite rows by ``key``: COPY into a staging table + one ON CONFLICT statement.
+    Returns the ``returning`` columns of every written row (e.g. ids the database assigned)."""
     if not rows:
-        return
+        return []
     columns = list(rows[0])
     updates = [c for c in columns if c not in key]
     if conn.dialect.name != "postgresql":
         stmt = sqlite_insert(table)
-        conn.execute(
-            stmt.on_conflict_do_update(index_elements=list(key), set_={c: stmt.excluded[c] for c in updates}),
-            [dict(r) for r in rows],
-        )
-        return
+        upsert = stmt.on_conflict_do_update(index_elements=list(key), set_={c: stmt.excluded[c] for c in updates})
+        if returning:
+            upsert = upsert.returning(*(table.c[c] for c in returning))
+        result = conn.execute(upsert, [dict(r) for r in rows])
+        return [tuple(r) for r in result.all()] if returning else []
     stage = f"stage_{table.name}"
-    names = ", ".join(f'"{c}"' for c in columns)
+    names = _names(columns)
     conn.exec_driver_sql(
         f"CREATE TEMP TABLE IF NOT EXISTS {stage} AS SELECT {names} FROM {qualified_name(conn, table)} WITH NO DATA"
     )
@@ -72,10 +82,12 @@ def upsert_rows(conn: Connection, table: Table, key: Sequence[str], rows: Sequen
     _copy(conn, stage, columns, ([r[c] for c in columns] for r in rows))
     target = qualified_name(conn, table)
     assignments = ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in updates)
-    keys = ", ".join(f'"{c}"' for c in key)
-    conn.exec_driver_sql(
-        f"INSERT INTO {target} ({names}) SELECT {names} FROM {stage} ON CONFLICT ({keys}) DO UPDATE SET {assignments}"
+    returned = f" RETURNING {_names(returning)}" if returning else ""
+    result = conn.exec_driver_sql(
+        f"INSERT INTO {target} ({names}) SELECT {names} FROM {stage} "
+        f"ON CONFLICT ({_names(key)}) DO UPDATE SET {assignments}{returned}"
     )
+    return [tuple(r) for r in result.all()] if returning else []
 
 
 def analyze(conn: Connection, *tables: Table) -> None:
