@@ -21,6 +21,7 @@ class Category(StrEnum):
     TIMEOUT_ERROR = "TIMEOUT_ERROR"
     SCRIPT_ERROR = "SCRIPT_ERROR"
     VALIDATION_ERROR = "VALIDATION_ERROR"
+    WORKER_KILLED = "WORKER_KILLED"
 
 
 RETRYABLE = frozenset({Category.CONNECTION_ERROR, Category.TIMEOUT_ERROR})
@@ -29,14 +30,16 @@ RETRYABLE = frozenset({Category.CONNECTION_ERROR, Category.TIMEOUT_ERROR})
 class MigrationError(Exception):
     """A failure with its category; the message is redacted when it is made."""
 
-    def __init__(self, category: Category, message: str) -> None:
+    def __init__(self, category: Category, message: str, *, retryable: bool | None = None) -> None:
         self.category = category
         self.message = redact(message)
+        self._retryable = retryable
         super().__init__(f"{category}: {self.message}")
 
     @property
     def retryable(self) -> bool:
-        return self.category in RETRYABLE
+        """Connection and timeout failures; a WORKER_KILLED only when the connection was lost too."""
+        return self.category in RETRYABLE if self._retryable is None else self._retryable
 
     def as_failure(self) -> Failure:
         """The Dagster failure for this error: category in metadata, retries only if retryable."""

@@ -23,15 +23,34 @@ INVALID_BIRTH_DATE = "INVALID_BIRTH_DATE"
 ORPHAN_PATIENT = "ORPHAN_PATIENT"
 MISSING_DATE = "MISSING_DATE"
 INVALID_ICD10 = "INVALID_ICD10"
+INVALID_VALUE = "INVALID_VALUE"
 
-PATIENT_REASONS = (MISSING_DOCUMENT, DUPLICATE_DOCUMENT, MISSING_NAME, INVALID_BIRTH_DATE)
-ENCOUNTER_REASONS = (ORPHAN_PATIENT, MISSING_DATE, INVALID_ICD10)
+PATIENT_REASONS = (MISSING_DOCUMENT, DUPLICATE_DOCUMENT, MISSING_NAME, INVALID_BIRTH_DATE, INVALID_VALUE)
+ENCOUNTER_REASONS = (ORPHAN_PATIENT, MISSING_DATE, INVALID_ICD10, INVALID_VALUE)
+
+# Widths of the target's text columns (characters). schema.py builds the columns from these, so
+# the rule that refuses a value too long for its column and the column itself cannot disagree.
+PATIENT_WIDTHS = {
+    "sistema": 16,
+    "national_id": 32,
+    "document_type": 2,
+    "given_name": 120,
+    "family_name": 120,
+    "sex": 8,
+    "email": 255,
+    "phone": 40,
+}
+ENCOUNTER_WIDTHS = {"sistema": 16, "kind": 16, "icd10": 8, "status": 16}
+EMAIL_MAX_LENGTH = 254  # RFC 5321's limit on a forward path, counted after lower-casing
+INT64 = (-(2**63), 2**63 - 1)
 
 DOCUMENT_TYPES = frozenset({"CC", "TI", "CE", "PA", "RC"})
 EARLIEST_BIRTH_DATE = date(1900, 1, 1)
-EMAIL_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
-ICD10_PATTERN = re.compile(r"^([A-Z][0-9]{2})(?:\.?([0-9A-Z]{1,4}))?$")
-BIRTH_DATE_FORMATS = {r"\d{4}-\d{2}-\d{2}": "%Y-%m-%d", r"\d{2}/\d{2}/\d{4}": "%d/%m/%Y"}
+# Patterns are matched whole (re.fullmatch): ``$`` alone would also accept a trailing newline.
+EMAIL_PATTERN = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+ICD10_PATTERN = re.compile(r"([A-Z][0-9]{2})(?:\.?([0-9A-Z]{1,4}))?")
+# ASCII digits only: '２０２０-０１-０１' (full-width) is not the legacy format, whatever int() makes of it.
+BIRTH_DATE_FORMATS = {r"[0-9]{4}-[0-9]{2}-[0-9]{2}": "%Y-%m-%d", r"[0-9]{2}/[0-9]{2}/[0-9]{4}": "%d/%m/%Y"}
 SEX_CODES = {"M": "male", "F": "female", "X": "other"}
 ENCOUNTER_KINDS = {
     "consulta": "consultation",
@@ -66,11 +85,16 @@ class PractitionerMapping:
 # --- strings ---------------------------------------------------------------------------------
 
 
+def remove_nul(value: str | None) -> str | None:
+    """Drop U+0000 from a string: neither PostgreSQL nor Firestore can hold it (§6)."""
+    return None if value is None else str(value).replace("\x00", "")
+
+
 def clean_text(value: str | None) -> str | None:
-    """Trim and collapse inner whitespace; an empty result is NULL (§6 default for strings)."""
+    """Trim and collapse inner whitespace, U+0000 removed; an empty result is NULL (§6 default)."""
     if value is None:
         return None
-    collapsed = " ".join(str(value).split())
+    collapsed = " ".join(remove_nul(value).split())  # type: ignore[union-attr]
     return collapsed or None
 
 
@@ -96,7 +120,7 @@ def require_name(given_name: str | None, family_name: str | None) -> None:
 
 def parse_birth_date(fecha_nacimiento: str | None, today: date) -> date | None:
     """Legacy birth dates are text; unknown stays NULL, anything unreal is quarantined."""
-    text = (fecha_nacimiento or "").strip()
+    text = (remove_nul(fecha_nacimiento) or "").strip()
     if text in ("", "0000-00-00"):
         return None
     parsed: date | None = None
@@ -119,18 +143,21 @@ def normalize_sex(sexo: str | None) -> str:
 
 
 def normalize_email(email: str | None) -> str | None:
-    """Lower-case a plausible address; an implausible one is dropped (NULL), not quarantined."""
+    """Lower-case a plausible address; an implausible one, or one that lower-casing made longer than
+    254 characters ('İ' becomes two), is dropped (NULL), not quarantined."""
     candidate = (clean_text(email) or "").lower()
-    return candidate if EMAIL_PATTERN.match(candidate) else None
+    if len(candidate) > EMAIL_MAX_LENGTH or not EMAIL_PATTERN.fullmatch(candidate):
+        return None
+    return candidate
 
 
 def normalize_phone(telefono: str | None) -> str | None:
-    """Keep the digits and a '+' typed before them, so numbers compare equal however written."""
+    """Keep the ASCII digits and a '+' typed before them, so numbers compare equal however written."""
     text = telefono or ""
-    digits = re.sub(r"\D", "", text)
+    digits = re.sub(r"[^0-9]", "", text)
     if not digits:
         return None
-    leading_plus = "+" in text[: re.search(r"\d", text).start()]  # type: ignore[union-attr]
+    leading_plus = "+" in text[: re.search(r"[0-9]", text).start()]  # type: ignore[union-attr]
     return ("+" if leading_plus else "") + digits
 
 
@@ -188,14 +215,24 @@ def normalize_encounter_status(estado: str | None) -> str:
 
 def normalize_icd10(diagnostico: str | None) -> str | None:
     """Store ICD-10 codes upper-case and dotted (J459 → J45.9); malformed codes are quarantined."""
-    code = re.sub(r"\s", "", diagnostico or "").upper()
+    code = re.sub(r"\s", "", remove_nul(diagnostico) or "").upper()
     if not code:
         return None
-    match = ICD10_PATTERN.match(code)
+    match = ICD10_PATTERN.fullmatch(code)
     if match is None:
         raise Quarantined(INVALID_ICD10, "diagnosis is not a well-formed ICD-10 code")
     category, subcode = match.groups()
     return f"{category}.{subcode}" if subcode else category
+
+
+def require_fits(record: Mapping[str, Any], widths: Mapping[str, int]) -> None:
+    """A value its target cannot hold quarantines the record (INVALID_VALUE): text longer than its
+    column after the rules, an integer outside int64. ``detail`` names the field, never the value."""
+    for name, value in record.items():
+        if isinstance(value, str) and name in widths and len(value) > widths[name]:
+            raise Quarantined(INVALID_VALUE, f"{name} is longer than {widths[name]} characters")
+        if isinstance(value, int) and not isinstance(value, bool) and not INT64[0] <= value <= INT64[1]:
+            raise Quarantined(INVALID_VALUE, f"{name} is outside the 64-bit integer range")
 
 
 def require_patient(patient_id: int | None) -> int:
@@ -220,7 +257,7 @@ def transform_patient(
     given_name = clean_text(row["nombres"])
     family_name = clean_text(row["apellidos"])
     require_name(given_name, family_name)
-    return {
+    record = {
         "sistema": row["sistema"],
         "legacy_id": int(row["id"]),
         "national_id": national_id,
@@ -234,6 +271,8 @@ def transform_patient(
         "practitioner_id": map_practitioner(row["profesional_id"], mapping),
         "source_updated_at": coerce_datetime(row["actualizado_en"]),
     }
+    require_fits(record, PATIENT_WIDTHS)
+    return record
 
 
 def transform_encounter(
@@ -246,7 +285,7 @@ def transform_encounter(
     target_patient = require_patient(patient_id)
     occurred_at = require_occurred_at(row["fecha"])
     icd10 = normalize_icd10(row["diagnostico"])
-    return {
+    record = {
         "sistema": row["sistema"],
         "legacy_id": int(row["id"]),
         "patient_id": target_patient,
@@ -254,10 +293,12 @@ def transform_encounter(
         "occurred_at": occurred_at,
         "kind": normalize_encounter_kind(row["tipo"]),
         "icd10": icd10,
-        "notes": row["notas"],
+        "notes": remove_nul(row["notas"]),
         "status": normalize_encounter_status(row["estado"]),
         "source_updated_at": coerce_datetime(row["actualizado_en"]),
     }
+    require_fits(record, ENCOUNTER_WIDTHS)
+    return record
 
 
 def first_claim_wins(claims: Mapping[int, str], held: Mapping[str, int]) -> tuple[dict[str, int], set[int]]:
@@ -314,3 +355,11 @@ def canonical_form(fields: Mapping[str, Any]) -> str:
 def content_hash(fields: Mapping[str, Any]) -> str:
     """SHA-256 of the canonical form of a target record: the same function on both sides."""
     return hashlib.sha256(canonical_form(fields).encode("utf-8")).hexdigest()
+
+
+def encounter_hash(record: Mapping[str, Any], patient_legacy_id: int) -> str:
+    """An encounter's content hash. Its patient enters as the patient's *legacy* id, never the
+    target's surrogate ``patient_id``: the same source gives the same hash on any target, whatever
+    its sequences did (a second target, a resumed run with sequence gaps)."""
+    fields = {name: value for name, value in record.items() if name != "patient_id"}
+    return content_hash({**fields, "patient_legacy_id": patient_legacy_id})

@@ -30,6 +30,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
+from worker import rules
+
 
 class LegacyDateTime(TypeDecorator[Any]):
     """A legacy DATETIME handed back raw: rules.coerce_datetime reads zero dates and text."""
@@ -106,22 +108,23 @@ atenciones = Table(
 )
 
 target_metadata = MetaData()
+_P, _E = rules.PATIENT_WIDTHS, rules.ENCOUNTER_WIDTHS  # the §6 rules refuse what these cannot hold
 _id = BigInteger().with_variant(Integer, "sqlite")  # SQLite only auto-increments INTEGER keys
 
 patients = Table(
     "patients",
     target_metadata,
     Column("id", _id, primary_key=True, autoincrement=True),
-    Column("sistema", String(16), nullable=False),
+    Column("sistema", String(_P["sistema"]), nullable=False),
     Column("legacy_id", BigInteger, nullable=False),
-    Column("national_id", String(32), nullable=False),
-    Column("document_type", String(2)),
-    Column("given_name", String(120)),
-    Column("family_name", String(120)),
+    Column("national_id", String(_P["national_id"]), nullable=False),
+    Column("document_type", String(_P["document_type"])),
+    Column("given_name", String(_P["given_name"])),
+    Column("family_name", String(_P["family_name"])),
     Column("birth_date", Date),
-    Column("sex", String(8), nullable=False),
-    Column("email", String(255)),
-    Column("phone", String(40)),
+    Column("sex", String(_P["sex"]), nullable=False),
+    Column("email", String(_P["email"])),
+    Column("phone", String(_P["phone"])),
     Column("practitioner_id", BigInteger),
     Column("source_updated_at", DateTime(timezone=True)),
     Column("content_hash", String(64), nullable=False),
@@ -140,15 +143,15 @@ encounters = Table(
     "encounters",
     target_metadata,
     Column("id", _id, primary_key=True, autoincrement=True),
-    Column("sistema", String(16), nullable=False),
+    Column("sistema", String(_E["sistema"]), nullable=False),
     Column("legacy_id", BigInteger, nullable=False),
     Column("patient_id", BigInteger, nullable=False, index=True),
     Column("practitioner_id", BigInteger),
     Column("occurred_at", DateTime(timezone=True), nullable=False),
-    Column("kind", String(16), nullable=False),
-    Column("icd10", String(8)),
+    Column("kind", String(_E["kind"]), nullable=False),
+    Column("icd10", String(_E["icd10"])),
     Column("notes", Text),
-    Column("status", String(16), nullable=False),
+    Column("status", String(_E["status"]), nullable=False),
     Column("source_updated_at", DateTime(timezone=True)),
     Column("content_hash", String(64), nullable=False),
     Column("run_id", String(64), nullable=False),
