@@ -10,14 +10,12 @@ import argparse
 import os
 from pathlib import Path
 
-from dagster import DagsterInstance
-
 from checks.coverage import PartitionCounts, count_clinical_partition
-from demo.instance import write_local_instance
+from demo.instance import driver_instance, write_local_instance
 from demo.legacy_data import generate
-from migration_assets.clinical import USUARIO_TAG
+from migration_assets.clinical.sensors import discover_sistemas
+from migration_assets.launch import USUARIO_TAG
 from migration_assets.partitions import sistemas_partitions
-from migration_assets.sensors import discover_sistemas
 from resources import worker_from_env
 from resources.databases import DatabaseResource
 from worker import schema
@@ -55,7 +53,7 @@ def main() -> int:
 
     from migration_assets.definitions import defs  # reads the environment set by the Makefile
 
-    instance = DagsterInstance.get()
+    instance = driver_instance(home)
     legacy_db = DatabaseResource(url=os.environ["LEGACY_DB_URL"])
     sistemas, refused = discover_sistemas(worker_from_env(), legacy_db)
     instance.add_dynamic_partitions(sistemas_partitions.name, sistemas)

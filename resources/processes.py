@@ -37,6 +37,10 @@ class Process(Protocol):
         """SIGTERM, then SIGKILL if still alive after ``grace_seconds``."""
         ...
 
+    def connection_lost(self) -> bool:
+        """Whether the way to the process broke (an SSH connection that died)."""
+        ...
+
 
 class _LineSplitter:
     def __init__(self) -> None:
@@ -99,6 +103,10 @@ class SSHProcess:
 
     def wait(self) -> int:
         return self.channel.recv_exit_status()
+
+    def connection_lost(self) -> bool:
+        transport = self.client.get_transport()
+        return transport is None or not transport.is_active()
 
     def _remote(self, command: str) -> int:
         _, stdout, _ = self.client.exec_command(command, timeout=10)
@@ -169,6 +177,9 @@ class LocalProcess:
 
     def wait(self) -> int:
         return self.popen.wait()
+
+    def connection_lost(self) -> bool:
+        return False  # a local subprocess has no connection to lose
 
     def stop(self, grace_seconds: float) -> None:
         if self.popen.poll() is not None:

@@ -17,8 +17,11 @@ from pydantic import Field
 from resources.errors import Category, MigrationError
 from resources.processes import PID_MARKER, SSHProcess
 
-# Prints the PID, then becomes the command: the PID is what a timeout terminates and kills.
-_WRAPPER = f'echo "{PID_MARKER}$$"; exec "$@"'
+# Starts the command as a child that keeps the session's stdin, prints the child's PID (what a timeout
+# terminates and kills), and exits with its status: 128+N when a signal N killed it. OpenSSH reports a
+# process killed by a signal as an "exit-signal" request, which paramiko drops (exit status -1,
+# indistinguishable from a lost connection); the shell's 128+N travels as a plain exit status.
+_WRAPPER = f'exec 3<&0; "$@" <&3 3<&- & pid=$!; exec 3<&-; echo "{PID_MARKER}$pid"; wait "$pid"'
 
 
 def quote_argv(argv: Sequence[str]) -> str:

@@ -8,7 +8,9 @@ a Dagster log line, redacted and batched (≤50 lines or 1 s per event).
 from __future__ import annotations
 
 import json
+import re
 import shlex
+import signal
 import threading
 import time
 from collections import deque
@@ -19,14 +21,15 @@ from typing import Any, Literal
 from dagster import (
     AssetExecutionContext,
     ConfigurableResource,
+    MaterializeResult,
     OpExecutionContext,
     PipesClient,
-    PipesClientCompletedInvocation,
     PipesEnvContextInjector,
+    PipesExecutionResult,
+    PipesMessageHandler,
     PipesMessageReader,
     open_pipes_session,
 )
-from dagster._core.pipes.context import PipesMessageHandler
 from dagster_pipes import PIPES_PROTOCOL_VERSION_FIELD, PipesExtras, PipesParams
 from pydantic import Field
 
@@ -41,15 +44,39 @@ EXIT_CATEGORIES = {
     3: Category.CONNECTION_ERROR,
     126: Category.COMMAND_NOT_FOUND,
     127: Category.COMMAND_NOT_FOUND,
-    -1: Category.CONNECTION_ERROR,  # paramiko: the channel closed without an exit status
 }
+CATEGORY_LINE = re.compile(rf"({'|'.join(c.value for c in Category)}): ")
+NO_EXIT_STATUS = -1  # paramiko: the channel closed without an exit status
 
 
-def raise_for_exit(code: int, stderr: Sequence[str]) -> None:
-    """A non-zero exit as its §8 category, with the worker's last words (redacted)."""
-    if code != 0:
-        last = next((line for line in reversed(stderr) if line.strip()), f"exit code {code}")
-        raise MigrationError(EXIT_CATEGORIES.get(code, Category.SCRIPT_ERROR), f"worker exited with {code}: {last}")
+def raise_for_exit(code: int, stderr: Sequence[str], *, connection_lost: bool = False) -> None:
+    """A non-zero exit as its §8 category, with the worker's own words (its last line that names a
+    category, else its last line; redacted). A worker killed by a signal — a negative code locally,
+    128+N through the SSH wrapper — is WORKER_KILLED, retried only when the connection was lost too."""
+    if code == 0:
+        return
+    if code == NO_EXIT_STATUS or code < 0 or 128 < code < 160:
+        if code == NO_EXIT_STATUS:
+            what = "the worker ended without an exit status"
+        else:
+            number = -code if code < 0 else code - 128
+            what = f"the worker was killed by {_signal_name(number)}"
+        if connection_lost:
+            what += ": the SSH connection to the worker host was lost"
+        raise MigrationError(Category.WORKER_KILLED, what, retryable=connection_lost)
+    said = next((line for line in reversed(stderr) if CATEGORY_LINE.match(line)), None)
+    if said is not None:
+        category, message = said.split(": ", 1)
+        raise MigrationError(Category(category), message)
+    last = next((line for line in reversed(stderr) if line.strip()), f"exit code {code}")
+    raise MigrationError(EXIT_CATEGORIES.get(code, Category.SCRIPT_ERROR), f"worker exited with {code}: {last}")
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def stream_lines(process: Process, timeout_seconds: float, grace_seconds: float) -> Iterator[tuple[Stream, str]]:
@@ -152,8 +179,12 @@ class WorkerPipesClient(PipesClient):
         context: AssetExecutionContext | OpExecutionContext,
         argv: Sequence[str],
         secrets: Mapping[str, Any],
+        final_report: type,
         extras: PipesExtras | None = None,
-    ) -> PipesClientCompletedInvocation:
+    ) -> Sequence[PipesExecutionResult]:
+        """Run the worker; return what it reported. A worker that exits 0 without a ``final_report``
+        (a materialization, check results) failed, whatever its exit code says: nothing it sent is
+        recorded, and no result is made up for it (no implicit materialization)."""
         reader = PipesStdoutMessageReader(
             on_progress=lambda counts: context.log.info(f"progress: {json.dumps(counts, sort_keys=True)}")
         )
@@ -175,8 +206,14 @@ class WorkerPipesClient(PipesClient):
             finally:
                 logs.flush()
             code = process.wait()
-        raise_for_exit(code, stderr_tail)
-        return PipesClientCompletedInvocation(session)
+            raise_for_exit(code, stderr_tail, connection_lost=process.connection_lost())
+            reported = session.get_results(implicit_materializations=False)
+        if not any(isinstance(result, final_report) for result in reported):
+            raise MigrationError(
+                Category.SCRIPT_ERROR,
+                f"the worker exited {code} without its final report ({final_report.__name__}): nothing is recorded",
+            )
+        return reported
 
 
 class WorkerResource(ConfigurableResource):
@@ -214,11 +251,13 @@ class WorkerResource(ConfigurableResource):
         argv: Sequence[str],
         secrets: Mapping[str, Any],
         timeout_seconds: float | None = None,
-    ) -> PipesClientCompletedInvocation:
-        """Run ``clinic-migrate <argv>`` as a Pipes process and return its reported results."""
+    ) -> Sequence[PipesExecutionResult]:
+        """Run ``clinic-migrate <argv>`` as a Pipes process; return its materialization."""
         with self.host() as start:
             client = WorkerPipesClient(start, timeout_seconds or self.migrate_timeout_seconds, self.kill_grace_seconds)
-            return client.run(context=context, argv=[*self.command_argv, *argv], secrets=secrets)
+            return client.run(
+                context=context, argv=[*self.command_argv, *argv], secrets=secrets, final_report=MaterializeResult
+            )
 
     def list_sistemas(self, secrets: Mapping[str, Any], timeout_seconds: float = 120) -> list[str]:
         """The active sistemas of the legacy DB, asked of the worker (Dagster may not reach that DB)."""
@@ -229,7 +268,7 @@ class WorkerResource(ConfigurableResource):
             for stream, line in stream_lines(process, timeout_seconds, self.kill_grace_seconds):
                 (out if stream == "stdout" else err).append(line)
             code = process.wait()
-        raise_for_exit(code, err)
+            raise_for_exit(code, err, connection_lost=process.connection_lost())
         for line in out:
             if line.startswith('{"sistemas"'):
                 return list(json.loads(line)["sistemas"])

@@ -20,12 +20,14 @@ from sqlalchemy import Engine, func, select, text, update
 
 from demo.legacy_data import Tally, generate
 from demo.sshd import SSHServer
-from migration_assets.clinical import encounters, patients
+from migration_assets.clinical.assets import encounters, patients
 from resources.databases import DatabaseResource
+from resources.policy import MigrationPolicy
 from resources.ssh import SSHResource
 from resources.worker import WorkerResource
-from worker import schema
-from worker.engine import Migration, PartitionBusy
+from worker import locks, schema
+from worker.engine import Migration
+from worker.locks import PartitionBusy
 from worker.params import RunParameters
 
 from .conftest import WORKER_COMMAND
@@ -64,6 +66,7 @@ class Clinical:
             "legacy_db": DatabaseResource(url=self.legacy_url),
             "clinical_db": DatabaseResource(url=url),
             "state_db": DatabaseResource(url=url),
+            "policy": MigrationPolicy(),
         }
 
     def materialize(self, sistema: str = "HSJ", assets: tuple[Any, ...] = (patients, encounters), **config: Any):
@@ -354,7 +357,7 @@ def test_one_worker_per_entity_and_sistema_at_a_time(mariadb_url: str, postgres_
     legacy, target = schema.make_engine(mariadb_url), schema.make_engine(postgres_url)
     generate(legacy, patients_per_sistema=30, sistemas=("HSJ",))
     params = RunParameters(entity="patients", sistema="HSJ", usuario="ana", run_id="first")
-    with Migration(params, legacy, target)._exclusive():  # e.g. an orphan of a dropped SSH session
+    with target.connect() as orphan, locks.exclusive(orphan, "patients", "HSJ", 1):  # e.g. a dropped session's
         with pytest.raises(PartitionBusy, match="another worker holds patients/HSJ"):
             Migration(replace(params, run_id="second"), legacy, target, lock_wait_seconds=0.5).run()
         other = Migration(replace(params, entity="encounters", run_id="third"), legacy, target, lock_wait_seconds=0.5)

@@ -12,10 +12,11 @@ import pytest
 from dagster import DagsterInstance, SensorResult, SkipReason, build_sensor_context, materialize
 
 from demo.legacy_data import generate
-from migration_assets.clinical import encounters, patients
-from migration_assets.sensors import sistemas_discovery_sensor
+from migration_assets.clinical.assets import encounters, patients
+from migration_assets.clinical.sensors import sistemas_discovery_sensor
 from resources.databases import DatabaseResource
 from resources.errors import Category, MigrationError
+from resources.policy import MigrationPolicy
 from resources.worker import WorkerResource
 from worker import schema
 
@@ -102,6 +103,7 @@ def test_local_transport_migrates_like_ssh(demo_env: dict[str, str]) -> None:
             "legacy_db": DatabaseResource(url=demo_env["LEGACY_DB_URL"]),
             "clinical_db": DatabaseResource(url=demo_env["CLINICAL_DB_URL"]),
             "state_db": DatabaseResource(url=demo_env["CLINICAL_DB_URL"]),
+            "policy": MigrationPolicy(),
         },
         run_config={"ops": {name: {"config": {"usuario": "demo"}} for name in ("patients", "encounters")}},
     )

@@ -4,7 +4,8 @@ Parameters arrive as argv; secrets (database URLs) and the Dagster Pipes bootstr
 JSON object on stdin, so no password ever shows in ``ps`` or a shell history. Results go back as
 Pipes messages on stdout; everything else it prints is redacted first.
 
-Exit codes: 0 done, 2 bad parameters, 3 a database could not be reached, 1 anything else.
+Exit codes: 0 done, 2 bad parameters or a refused run (e.g. a mass delete), 3 a database could not
+be reached or the lock's session was lost, 1 anything else.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from worker import schema
-from worker.engine import Counts, Migration, Result
-from worker.params import ENTITIES, MODES, InvalidParameters, RunParameters, validate
+from worker.engine import Counts, MassDeleteRefused, Migration, Result
+from worker.locks import LockLost
+from worker.params import DEFAULT_MAX_DELETE_SHARE, ENTITIES, MODES, InvalidParameters, RunParameters, validate
 from worker.redact import redact
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_PARAMETERS, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -68,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     migrate.add_argument("--pract-source", type=int)
     migrate.add_argument("--pract-target", type=int)
     migrate.add_argument("--batch-size", type=int, default=2000)
+    migrate.add_argument("--allow-mass-delete", action="store_true", help="let a full run delete any share")
+    migrate.add_argument("--max-delete-share", type=float, default=DEFAULT_MAX_DELETE_SHARE)
     commands.add_parser("sistemas", help="print the codes of the active sistemas as JSON")
     return parser
 
@@ -85,6 +89,7 @@ def _metadata(result: Result, params: RunParameters) -> dict[str, Any]:
         "updated": counts.updated,
         "unchanged": counts.unchanged,
         "deleted": counts.deleted,
+        "rehashed": counts.rehashed,
         "migrated": counts.migrated,
         "quarantined": sum(quarantined.values()),
         "quarantined_by_reason": {"raw_value": quarantined, "type": "json"},
@@ -108,6 +113,8 @@ def _migrate(args: argparse.Namespace, secrets: dict[str, Any], reporter: Report
             pract_source=args.pract_source,
             pract_target=args.pract_target,
             batch_size=args.batch_size,
+            allow_mass_delete=args.allow_mass_delete,
+            max_delete_share=args.max_delete_share,
         )
     )
     _require(secrets, "legacy_db_url", "target_db_url")
@@ -142,6 +149,15 @@ def _sistemas(secrets: dict[str, Any]) -> int:
     return EXIT_OK
 
 
+def _report(category: str, problem: BaseException | str) -> None:
+    """One short, redacted line on stderr: the category the Dagster side reads, then what happened.
+    Driver errors span lines (SQL, parameters, a link): only their first line is the message."""
+    text = problem if isinstance(problem, str) else str(getattr(problem, "orig", None) or problem)
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    kind = "" if isinstance(problem, str) or category != "SCRIPT_ERROR" else f"{type(problem).__name__}: "
+    print(f"{category}: {kind}{redact(first)[:500]}", file=sys.stderr, flush=True)
+
+
 def _terminate(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds: open transactions roll back, connections close
 
@@ -153,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         secrets = json.loads(sys.stdin.read() or "{}")
     except json.JSONDecodeError:
-        print("stdin must be one JSON object with the database URLs", file=sys.stderr)
+        _report("VALIDATION_ERROR", "stdin must be one JSON object with the database URLs")
         return EXIT_BAD_PARAMETERS
     pipes_params = secrets.pop("pipes", None)
     with ExitStack() as stack:
@@ -167,17 +183,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "sistemas":
                 return _sistemas(secrets)
             return _migrate(args, secrets, reporter)
-        except InvalidParameters as problem:
-            print(f"VALIDATION_ERROR: {problem}", file=sys.stderr, flush=True)
+        except (InvalidParameters, MassDeleteRefused) as problem:
+            _report("VALIDATION_ERROR", problem)
             return EXIT_BAD_PARAMETERS
+        except LockLost as problem:
+            _report("CONNECTION_ERROR", problem)
+            return EXIT_UNREACHABLE
         except (OperationalError, InterfaceError) as problem:
             if problem.connection_invalidated or "connect" in str(problem.orig).lower():
-                print(f"CONNECTION_ERROR: {redact(str(problem.orig))}", file=sys.stderr, flush=True)
+                _report("CONNECTION_ERROR", problem)
                 return EXIT_UNREACHABLE
-            print(f"SCRIPT_ERROR: {type(problem).__name__}: {redact(str(problem.orig))}", file=sys.stderr, flush=True)
+            _report("SCRIPT_ERROR", problem)
             return EXIT_FAILED
         except Exception as problem:
-            print(f"SCRIPT_ERROR: {type(problem).__name__}: {redact(str(problem))}", file=sys.stderr, flush=True)
+            _report("SCRIPT_ERROR", problem)
             return EXIT_FAILED
     return EXIT_OK
 

@@ -13,20 +13,19 @@ rows whose source is gone, soft-deleted or now quarantined are deleted as the ru
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, RowMapping, Table, and_, delete, func, or_, select, text, update
+from sqlalchemy import Connection, Engine, RowMapping, Table, and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError
 
-from worker import rules, schema, store
+from worker import locks, rules, schema, store
 from worker.params import RunParameters
 
 LOWEST = -(2**62)
@@ -43,6 +42,7 @@ class Counts:
     updated: int = 0
     unchanged: int = 0
     deleted: int = 0
+    rehashed: int = 0  # unchanged records whose stored hash was brought up to date (counted in unchanged)
     quarantined: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
@@ -52,8 +52,14 @@ class Counts:
             "updated": self.updated,
             "unchanged": self.unchanged,
             "deleted": self.deleted,
+            "rehashed": self.rehashed,
             "quarantined": dict(sorted(self.quarantined.items())),
         }
+
+    def add(self, other: Counts) -> None:
+        for name in ("read", "inserted", "updated", "unchanged", "deleted", "rehashed"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.quarantined.update(other.quarantined)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Counts:
@@ -64,17 +70,16 @@ class Counts:
         return self.inserted + self.updated + self.unchanged
 
 
-class PartitionBusy(RuntimeError):
-    """Another worker is migrating the same entity and sistema."""
-
-
 @dataclass
 class Outcome:
     """What a batch decided: records to hold in the target, rows to quarantine, rows to evict."""
 
     records: dict[int, dict[str, Any]] = field(default_factory=dict)
+    hashes: dict[int, str] = field(default_factory=dict)
     quarantined: dict[int, rules.Quarantined] = field(default_factory=dict)
     evicted: list[RowMapping] = field(default_factory=list)
+    # The hash an earlier release stored for the same content, for records whose hash scheme changed.
+    previous_scheme: Callable[[Mapping[str, Any]], str | None] = lambda _: None
 
 
 @dataclass
@@ -89,6 +94,18 @@ class Result:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class MassDeleteRefused(RuntimeError):
+    """A full run would delete more of the partition than the run allows (DESIGN §5, Modes)."""
+
+
+class TargetRefused(Exception):
+    """The target refused a value of one of ``writes`` (the batch is redone without that record)."""
+
+    def __init__(self, writes: Sequence[Mapping[str, Any]]) -> None:
+        super().__init__("the target refused a value")
+        self.writes = writes
 
 
 class Migration:
@@ -117,6 +134,7 @@ class Migration:
         self.lock_wait_seconds = lock_wait_seconds
         self.source = SOURCES[params.entity]
         self.table = schema.TARGETS[params.entity]
+        self.delete_budget: int | None = None  # deletions this full run may make; None: unlimited
 
     # --- the run -------------------------------------------------------------------------
 
@@ -125,63 +143,86 @@ class Migration:
         schema.create_schemas(self.target, schema.target_metadata)
         schema.create_schemas(self.state, schema.state_metadata)
         p = self.params
-        with self.state.begin() as conn:
-            self._close_interrupted_runs(conn)
-            checkpoint = None if p.dry_run else self._resumable_checkpoint(conn)
-            since = self._last_watermark(conn) if p.mode == "incremental" else None
-        mode = "incremental" if since is not None else "full"
-        if p.mode == "incremental" and since is None:
-            self.log("no earlier successful run: this incremental run sweeps the whole sistema")
-        counts = Counts.from_dict(checkpoint["counts"]) if checkpoint else Counts()
-        watermark = checkpoint["watermark"] if checkpoint else self._source_watermark()
-        after = checkpoint["last_legacy_id"] if checkpoint else LOWEST
-        resumed_from = checkpoint["run_id"] if checkpoint else None
-        if resumed_from:
-            self.log(f"resuming after legacy id {after}, checkpointed by run {resumed_from}")
-        read_before = counts.read
-        self._record_run_start(mode, resumed_from)
-        try:
-            with self._exclusive(), self.legacy.connect() as source, self.target.connect() as target:
-                state = target if self.same_db else self.state.connect()
-                try:
-                    self._migrate(source, target, state, mode, since, after, counts, watermark)
-                    if p.dry_run:
-                        target.rollback()
-                        state.rollback()
-                finally:
-                    if state is not target:
-                        state.close()
-        except BaseException:
-            self._record_run_end("failed", counts, None)
-            raise
-        self._record_run_end("succeeded", counts, watermark)
+        with ExitStack() as stack:
+            target = stack.enter_context(self.target.connect())
+            state = target if self.same_db else stack.enter_context(self.state.connect())
+            # One writer per entity and sistema: the lock is held by every connection this run
+            # writes through, and nothing of the run's state is read or written before it is.
+            for conn in dict.fromkeys((state, target)):
+                stack.enter_context(locks.exclusive(conn, p.entity, p.sistema, self.lock_wait_seconds))
+            source = stack.enter_context(self.legacy.connect())
+            self._close_interrupted_runs(state)
+            checkpoint = None if p.dry_run else self._resumable_checkpoint(state)
+            since = self._last_watermark(state) if p.mode == "incremental" else None
+            mode = "incremental" if since is not None else "full"
+            if p.mode == "incremental" and since is None:
+                self.log("no earlier successful run: this incremental run sweeps the whole sistema")
+            counts = Counts.from_dict(checkpoint["counts"]) if checkpoint else Counts()
+            watermark = checkpoint["watermark"] if checkpoint else self._source_watermark(source)
+            after = checkpoint["last_legacy_id"] if checkpoint else LOWEST
+            resumed_from = checkpoint["run_id"] if checkpoint else None
+            if resumed_from:
+                self.log(f"resuming after legacy id {after}, checkpointed by run {resumed_from}")
+            read_before = counts.read
+            self._record_run_start(state, mode, resumed_from)
+            try:
+                if mode == "full":
+                    self._guard_mass_delete(source, target, after)
+                self._migrate(source, target, state, mode, since, after, counts, watermark)
+                if p.dry_run:
+                    target.rollback()
+                    state.rollback()
+            except BaseException:
+                self._record_run_end(state, "failed", counts, None)
+                raise
+            self._record_run_end(state, "succeeded", counts, watermark)
         return Result(counts, mode, resumed_from, watermark, time.monotonic() - started, counts.read - read_before)
 
-    @contextmanager
-    def _exclusive(self) -> Iterator[None]:
-        """One worker per entity and sistema at a time, even if an orphaned one lingers after a
-        dropped SSH session: a PostgreSQL advisory lock on the control DB, released on exit or
-        when the holder dies."""
-        if self.state.dialect.name != "postgresql":
-            yield  # SQLite (the demo) serializes writers by itself
+    def _guard_mass_delete(self, source: Connection, target: Connection, after: int) -> None:
+        """Stop a full run that would delete more than ``max_delete_share`` of the partition's
+        migrated rows, before it deletes anything: an empty or wrong source must never empty a target.
+
+        Rows whose source is gone or soft-deleted are counted exactly up front (a merge of the two
+        sorted id lists). Rows deleted because they are now quarantined only show as the run reads
+        them: they count against the same budget, and the batch that would exceed it is rolled back.
+        """
+        p = self.params
+        if p.allow_mass_delete:
             return
-        digest = hashlib.sha256(f"migration:{self.params.entity}:{self.params.sistema}".encode()).digest()
-        key = int.from_bytes(digest[:8], "big", signed=True)
-        with self.state.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(
-                text("SELECT set_config('lock_timeout', :t, false)"), {"t": f"{int(self.lock_wait_seconds * 1000)}ms"}
-            )
-            try:
-                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            except OperationalError:
-                raise PartitionBusy(
-                    f"another worker holds {self.params.entity}/{self.params.sistema} "
-                    f"after {self.lock_wait_seconds:.0f} s of waiting"
-                ) from None
-            try:
-                yield
-            finally:
-                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        t, s = self.table, self.source
+        migrated = target.scalar(select(func.count()).select_from(t).where(t.c.sistema == p.sistema)) or 0
+        self.delete_budget = int(migrated * p.max_delete_share)
+        if migrated == 0:
+            return
+        streamed = {"stream_results": True, "yield_per": 10_000}  # per statement: Connection options stick
+        ours = target.scalars(
+            select(t.c.legacy_id)
+            .where(t.c.sistema == p.sistema, t.c.legacy_id > after)
+            .order_by(t.c.legacy_id)
+            .execution_options(**streamed)
+        )
+        theirs = source.scalars(
+            select(s.c.id)
+            .where(s.c.sistema == p.sistema, s.c.eliminado == 0, s.c.id > after)
+            .order_by(s.c.id)
+            .execution_options(**streamed)
+        )
+        gone = sum(1 for _ in store.missing_from(ours, theirs))
+        source.rollback()
+        target.rollback()
+        self._refuse_mass_delete(gone, migrated)
+
+    def _refuse_mass_delete(self, deleting: int, migrated: int | None = None) -> None:
+        if self.delete_budget is None or deleting <= self.delete_budget:
+            return
+        p = self.params
+        share = f"{p.max_delete_share:.0%}"
+        raise MassDeleteRefused(
+            f"a full run would delete {deleting} {p.entity} of sistema {p.sistema}"
+            + (f" ({deleting / migrated:.1%} of {migrated} migrated)" if migrated else "")
+            + f", more than the {share} a run may delete: stopped before deleting. Check LEGACY_DB_URL "
+            "and the source; if the deletions are meant, run again with allow_mass_delete: true"
+        )
 
     def _migrate(
         self,
@@ -195,12 +236,14 @@ class Migration:
         watermark: datetime | None,
     ) -> None:
         read_before = counts.read
+        deleted_before = counts.deleted
         last_report = time.monotonic()
         lo = after
         next_analyze = ANALYZE_FIRST
         for rows in self._stream(source, after, since):
             hi = rows[-1]["id"]
             self._apply_batch(target, state, rows, mode, lo, hi, counts)
+            self._refuse_mass_delete(counts.deleted - deleted_before)
             lo = hi
             self._checkpoint(state, hi, counts, watermark, "running")
             self._commit(target, state)
@@ -212,6 +255,7 @@ class Migration:
                 last_report = time.monotonic()
         if mode == "full":  # the tail: target rows past the last eligible source row
             self._apply_batch(target, state, [], mode, lo, HIGHEST, counts)
+            self._refuse_mass_delete(counts.deleted - deleted_before)
         self._checkpoint(state, lo, counts, watermark, "done")
         self._commit(target, state)
         self._analyze(target, state)  # the next entity looks this one up
@@ -219,7 +263,7 @@ class Migration:
 
     def _analyze(self, target: Connection, state: Connection) -> None:
         store.analyze(target, self.table)
-        store.analyze(state, schema.ledger, schema.quarantine)
+        store.analyze(state, schema.quarantine)  # cleared by range each batch; the ledger is only appended to
         self._commit(target, state)
 
     def _commit(self, target: Connection, state: Connection) -> None:
@@ -239,13 +283,13 @@ class Migration:
             query = query.where(t.c.eliminado == 0)
         else:
             query = query.where(t.c.actualizado_en >= since.replace(tzinfo=None))
-        result = source.execution_options(stream_results=True, yield_per=self.params.batch_size).execute(query)
+        result = source.execute(query.execution_options(stream_results=True, yield_per=self.params.batch_size))
         yield from result.mappings().partitions()
 
-    def _source_watermark(self) -> datetime | None:
+    def _source_watermark(self, source: Connection) -> datetime | None:
         t = self.source
-        with self.legacy.connect() as conn:
-            latest = conn.scalar(select(func.max(t.c.actualizado_en)).where(t.c.sistema == self.params.sistema))
+        latest = source.scalar(select(func.max(t.c.actualizado_en)).where(t.c.sistema == self.params.sistema))
+        source.rollback()
         return rules.coerce_datetime(latest)
 
     # --- one batch -----------------------------------------------------------------------
@@ -260,6 +304,37 @@ class Migration:
         hi: int,
         counts: Counts,
     ) -> None:
+        """Apply one batch; a record whose value the target refuses is quarantined (INVALID_VALUE)
+        and the batch is decided again without it, so no single row can fail a batch."""
+        refused: dict[int, rules.Quarantined] = {}
+        while True:
+            attempt = Counts()
+            try:
+                with store.savepoint(target):
+                    ledger, outcome = self._apply_batch_once(target, rows, mode, lo, hi, attempt, refused)
+            except TargetRefused as problem:
+                found = store.refused_rows(target, self.table, ("sistema", "legacy_id"), problem.writes)
+                if not found:
+                    raise RuntimeError("the target refused a batch, but no single record of it") from None
+                for index, column in found.items():
+                    detail = f"the target cannot hold the value of {column}" if column else "the target refused a value"
+                    refused[problem.writes[index]["legacy_id"]] = rules.Quarantined(rules.INVALID_VALUE, detail)
+                continue
+            break
+        counts.add(attempt)
+        batch_ids = [r["id"] for r in rows]
+        self._write_state(state, ledger, outcome, mode, lo, hi, batch_ids, utcnow())
+
+    def _apply_batch_once(
+        self,
+        target: Connection,
+        rows: Sequence[RowMapping],
+        mode: str,
+        lo: int,
+        hi: int,
+        counts: Counts,
+        refused: Mapping[int, rules.Quarantined],
+    ) -> tuple[list[dict[str, Any]], Outcome]:
         p = self.params
         t = self.table
         eligible = [r for r in rows if not r["eliminado"]]
@@ -267,10 +342,10 @@ class Migration:
         batch_ids = [r["id"] for r in rows]
         if mode == "full":  # the batch decides every legacy id of its range
             scope = and_(t.c.legacy_id > lo, t.c.legacy_id <= hi)
-            outcome = self._decide(target, eligible, lambda legacy_id: lo < legacy_id <= hi)
+            outcome = self._decide(target, eligible, lambda legacy_id: lo < legacy_id <= hi, refused)
         else:  # the batch decides the ids it read
             scope = t.c.legacy_id.in_(batch_ids)
-            outcome = self._decide(target, eligible, set(batch_ids).__contains__)
+            outcome = self._decide(target, eligible, set(batch_ids).__contains__, refused)
         existing = {
             r["legacy_id"]: r for r in target.execute(select(t).where(t.c.sistema == p.sistema, scope)).mappings()
         }
@@ -302,13 +377,19 @@ class Migration:
 
         writes: list[dict[str, Any]] = []
         inserted: list[int] = []
-        outcome_hashes: dict[int, str] = {}
+        rehash: list[dict[str, Any]] = []
         for legacy_id, record in outcome.records.items():
-            digest = outcome_hashes[legacy_id] = rules.content_hash(record)
+            digest = outcome.hashes[legacy_id]
             old = existing.get(legacy_id)
             if old is not None and old["content_hash"] == digest:
-                entry(legacy_id, "unchanged", old["id"], digest, None)
+                counts.unchanged += 1  # counted, never given a ledger row (§5: the ledger records changes)
+                continue
+            if old is not None and outcome.previous_scheme(record) == old["content_hash"]:
+                # Same content, hashed the way an earlier release did: bring the stored hash up to
+                # date in place. Not a change of the record: no ledger row, run_id kept.
+                rehash.append({"_id": old["id"], "_hash": digest})
                 counts.unchanged += 1
+                counts.rehashed += 1
                 continue
             writes.append({**record, "content_hash": digest, "run_id": p.run_id, "migrated_at": now})
             if old is None:
@@ -317,12 +398,19 @@ class Migration:
             else:
                 entry(legacy_id, "updated", old["id"], digest, store.jsonable(old))
                 counts.updated += 1
-        new_ids = dict(store.upsert_rows(target, t, ("sistema", "legacy_id"), writes, returning=("legacy_id", "id")))
+        if rehash:
+            target.execute(update(t).where(t.c.id == bindparam("_id")).values(content_hash=bindparam("_hash")), rehash)
+        try:
+            returned = store.upsert_rows(target, t, ("sistema", "legacy_id"), writes, returning=("legacy_id", "id"))
+        except DBAPIError as problem:
+            if store.is_refused_value(problem):
+                raise TargetRefused(writes) from None
+            raise
+        new_ids = dict(returned)
         for legacy_id in inserted:
-            entry(legacy_id, "inserted", new_ids[legacy_id], outcome_hashes[legacy_id], None)
-
+            entry(legacy_id, "inserted", new_ids[legacy_id], outcome.hashes[legacy_id], None)
         counts.quarantined.update(problem.reason for problem in outcome.quarantined.values())
-        self._write_state(state, ledger, outcome, mode, lo, hi, batch_ids, now)
+        return ledger, outcome
 
     def _write_state(
         self,
@@ -364,23 +452,62 @@ class Migration:
             ],
         )
 
-    def _decide(self, target: Connection, eligible: Sequence[RowMapping], in_scope: Callable[[int], bool]) -> Outcome:
-        if self.params.entity == "patients":
-            return self._decide_patients(target, eligible, in_scope)
-        return self._decide_encounters(target, eligible)
-
-    def _decide_patients(
-        self, target: Connection, eligible: Sequence[RowMapping], in_scope: Callable[[int], bool]
+    def _decide(
+        self,
+        target: Connection,
+        eligible: Sequence[RowMapping],
+        in_scope: Callable[[int], bool],
+        refused: Mapping[int, rules.Quarantined],
     ) -> Outcome:
+        """Apply the per-row rules; a record the target refused earlier is quarantined like a row
+        that broke a rule, before duplicates are decided, so it never holds a document."""
         outcome = Outcome()
+        transform = self._patient if self.params.entity == "patients" else self._encounter_transform(target, eligible)
         for row in eligible:
             try:
-                outcome.records[row["id"]] = rules.transform_patient(row, today=self.today, mapping=self.params.mapping)
+                if row["id"] in refused:
+                    raise refused[row["id"]]
+                outcome.records[row["id"]], outcome.hashes[row["id"]] = transform(row)
             except rules.Quarantined as problem:
                 outcome.quarantined[row["id"]] = problem
+        if self.params.entity == "patients":
+            self._decide_duplicates(target, outcome, in_scope)
+        else:
+            outcome.previous_scheme = rules.content_hash  # before 0.2 an encounter hashed its target patient_id
+        return outcome
+
+    def _patient(self, row: RowMapping) -> tuple[dict[str, Any], str]:
+        record = rules.transform_patient(row, today=self.today, mapping=self.params.mapping)
+        return record, rules.content_hash(record)
+
+    def _encounter_transform(
+        self, target: Connection, eligible: Sequence[RowMapping]
+    ) -> Callable[[RowMapping], tuple[dict[str, Any], str]]:
+        """Encounters hang off the patients migrated in this sistema: one lookup per batch."""
+        p = schema.patients
+        wanted = {r["paciente_id"] for r in eligible if r["paciente_id"] is not None}
+        patient_ids = (
+            dict(
+                target.execute(
+                    select(p.c.legacy_id, p.c.id).where(p.c.sistema == self.params.sistema, p.c.legacy_id.in_(wanted))
+                ).all()
+            )
+            if wanted
+            else {}
+        )
+
+        def transform(row: RowMapping) -> tuple[dict[str, Any], str]:
+            record = rules.transform_encounter(
+                row, patient_id=patient_ids.get(row["paciente_id"]), mapping=self.params.mapping
+            )
+            return record, rules.encounter_hash(record, row["paciente_id"])
+
+        return transform
+
+    def _decide_duplicates(self, target: Connection, outcome: Outcome, in_scope: Callable[[int], bool]) -> None:
         claims = {legacy_id: record["national_id"] for legacy_id, record in outcome.records.items()}
         if not claims:
-            return outcome
+            return
         t = self.table
         # Target rows this batch decides (its range, or its ids) hold nothing: they are about to
         # be rewritten or deleted. Only rows outside the batch can already own a document.
@@ -394,33 +521,11 @@ class Migration:
         owners, losers = rules.first_claim_wins(claims, {n: r["legacy_id"] for n, r in holders.items()})
         for legacy_id in losers:
             del outcome.records[legacy_id]
+            del outcome.hashes[legacy_id]
             outcome.quarantined[legacy_id] = rules.Quarantined(rules.DUPLICATE_DOCUMENT, DUPLICATE_DETAIL)
         outcome.evicted = [row for national_id, row in holders.items() if owners[national_id] != row["legacy_id"]]
-        return outcome
 
-    def _decide_encounters(self, target: Connection, eligible: Sequence[RowMapping]) -> Outcome:
-        outcome = Outcome()
-        p = schema.patients
-        wanted = {r["paciente_id"] for r in eligible if r["paciente_id"] is not None}
-        patient_ids = (
-            dict(
-                target.execute(
-                    select(p.c.legacy_id, p.c.id).where(p.c.sistema == self.params.sistema, p.c.legacy_id.in_(wanted))
-                ).all()
-            )
-            if wanted
-            else {}
-        )
-        for row in eligible:
-            try:
-                outcome.records[row["id"]] = rules.transform_encounter(
-                    row, patient_id=patient_ids.get(row["paciente_id"]), mapping=self.params.mapping
-                )
-            except rules.Quarantined as problem:
-                outcome.quarantined[row["id"]] = problem
-        return outcome
-
-    # --- control tables ------------------------------------------------------------------
+    # --- control tables (read and written only while the lock is held) ---------------------
 
     def _parameters(self) -> dict[str, Any]:
         p = self.params
@@ -433,6 +538,7 @@ class Migration:
             .mappings()
             .first()
         )
+        conn.rollback()
         if row is None or row["status"] != "running":
             return None
         if row["parameters"] != self._parameters():
@@ -441,7 +547,8 @@ class Migration:
         return row
 
     def _close_interrupted_runs(self, conn: Connection) -> None:
-        """Runs of this entity and sistema still marked running were killed: say so."""
+        """Runs of this entity and sistema still marked running were killed: say so. Only ever
+        called while this run holds the lock, so the run it marks cannot be alive."""
         r = schema.runs
         conn.execute(
             update(r)
@@ -449,6 +556,7 @@ class Migration:
                    r.c.status == "running", r.c.run_id != self.params.run_id)
             .values(status="interrupted")
         )  # fmt: skip
+        conn.commit()
 
     def _last_watermark(self, conn: Connection) -> datetime | None:
         r = schema.runs
@@ -460,6 +568,7 @@ class Migration:
                 r.c.dry_run.is_(False),
             )
         )
+        conn.rollback()
         return rules.coerce_datetime(latest)
 
     def _checkpoint(
@@ -488,11 +597,16 @@ class Migration:
             )
         )
 
-    def _record_run_start(self, mode: str, resumed_from: str | None) -> None:
+    def _record_run_start(self, conn: Connection, mode: str, resumed_from: str | None) -> None:
         p = self.params
         values = {
             "usuario": p.usuario,
-            "parameters": {**self._parameters(), "dry_run": p.dry_run, "effective_mode": mode},
+            "parameters": {
+                **self._parameters(),
+                "dry_run": p.dry_run,
+                "effective_mode": mode,
+                "allow_mass_delete": p.allow_mass_delete,
+            },
             "mode": mode,
             "dry_run": p.dry_run,
             "status": "running",
@@ -504,16 +618,24 @@ class Migration:
         }
         r = schema.runs
         key = and_(r.c.run_id == p.run_id, r.c.entity == p.entity, r.c.partition_key == p.sistema)
-        with self.state.begin() as conn:  # a retried step re-uses its run id
-            if conn.execute(update(r).where(key).values(values)).rowcount == 0:
-                conn.execute(r.insert().values(run_id=p.run_id, entity=p.entity, partition_key=p.sistema, **values))
+        if conn.execute(update(r).where(key).values(values)).rowcount == 0:  # a retried step re-uses its run id
+            conn.execute(r.insert().values(run_id=p.run_id, entity=p.entity, partition_key=p.sistema, **values))
+        conn.commit()
 
-    def _record_run_end(self, status: str, counts: Counts, watermark: datetime | None) -> None:
+    def _record_run_end(self, conn: Connection, status: str, counts: Counts, watermark: datetime | None) -> None:
+        """On the run's own connection; if that session is gone (a lost lock, a dropped server), on a
+        new one: the run's own row is all it touches."""
         p = self.params
         r = schema.runs
-        with self.state.begin() as conn:
-            conn.execute(
-                update(r)
-                .where(r.c.run_id == p.run_id, r.c.entity == p.entity, r.c.partition_key == p.sistema)
-                .values(status=status, counts=counts.as_dict(), watermark=watermark, finished_at=utcnow())
-            )
+        stmt = (
+            update(r)
+            .where(r.c.run_id == p.run_id, r.c.entity == p.entity, r.c.partition_key == p.sistema)
+            .values(status=status, counts=counts.as_dict(), watermark=watermark, finished_at=utcnow())
+        )
+        try:
+            conn.rollback()
+            conn.execute(stmt)
+            conn.commit()
+        except DBAPIError:
+            with self.state.begin() as fresh:
+                fresh.execute(stmt)

@@ -12,15 +12,34 @@ from typing import Literal
 
 from worker.rules import PractitionerMapping
 
-SISTEMA_PATTERN = re.compile(r"^[A-Z0-9_]{2,16}$")
-USUARIO_PATTERN = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
-RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+# Matched whole, with re.fullmatch: a pattern ending in ``$`` also matches before a final newline,
+# which let 'SEC1\n' through as a partition key.
+SISTEMA_PATTERN = re.compile(r"[A-Z0-9_]{2,16}")
+USUARIO_PATTERN = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 ENTITIES = ("patients", "encounters")
 MODES = ("full", "incremental")
+DEFAULT_MAX_DELETE_SHARE = 0.10
+INT64_MAX = 2**63 - 1
 
 
 class InvalidParameters(ValueError):
     """Parameters that must not start a run; the message lists every problem found."""
+
+
+def matches(pattern: re.Pattern[str], value: object) -> bool:
+    """``value`` is a string and the whole of it matches ``pattern``."""
+    return isinstance(value, str) and pattern.fullmatch(value) is not None
+
+
+def sistema_problem(value: object) -> str | None:
+    """Why ``value`` is not a usable sistema (clinical partition key), or None if it is."""
+    return None if matches(SISTEMA_PATTERN, value) else f"sistema must match ^{SISTEMA_PATTERN.pattern}$"
+
+
+def usuario_problem(value: object) -> str | None:
+    """Why ``value`` is not a usable usuario, or None if it is."""
+    return None if matches(USUARIO_PATTERN, value) else f"usuario must match ^{USUARIO_PATTERN.pattern}$"
 
 
 @dataclass(frozen=True)
@@ -34,6 +53,8 @@ class RunParameters:
     pract_source: int | None = None
     pract_target: int | None = None
     batch_size: int = 2000
+    allow_mass_delete: bool = False
+    max_delete_share: float = DEFAULT_MAX_DELETE_SHARE
 
     @property
     def mapping(self) -> PractitionerMapping | None:
@@ -51,11 +72,14 @@ class RunParameters:
             "--run-id", self.run_id,
             "--mode", self.mode,
             "--batch-size", str(self.batch_size),
+            "--max-delete-share", repr(float(self.max_delete_share)),
         ]  # fmt: skip
         if self.mapping is not None:
             argv += ["--pract-source", str(self.pract_source), "--pract-target", str(self.pract_target)]
         if self.dry_run:
             argv.append("--dry-run")
+        if self.allow_mass_delete:
+            argv.append("--allow-mass-delete")
         return argv
 
 
@@ -64,26 +88,28 @@ def validate(params: RunParameters) -> RunParameters:
     problems: list[str] = []
     if params.entity not in ENTITIES:
         problems.append(f"entity must be one of {', '.join(ENTITIES)}")
-    if not isinstance(params.sistema, str) or not SISTEMA_PATTERN.match(params.sistema):
-        problems.append("sistema must match ^[A-Z0-9_]{2,16}$")
-    if not isinstance(params.usuario, str) or not USUARIO_PATTERN.match(params.usuario):
-        problems.append("usuario must match ^[A-Za-z0-9._@-]{1,64}$")
-    if not isinstance(params.run_id, str) or not RUN_ID_PATTERN.match(params.run_id):
-        problems.append("run_id must match ^[A-Za-z0-9_.:-]{1,64}$")
+    problems += [p for p in (sistema_problem(params.sistema), usuario_problem(params.usuario)) if p]
+    if not matches(RUN_ID_PATTERN, params.run_id):
+        problems.append(f"run_id must match ^{RUN_ID_PATTERN.pattern}$")
     if params.mode not in MODES:
         problems.append(f"mode must be one of {', '.join(MODES)}")
     if (params.pract_source is None) != (params.pract_target is None):
         problems.append("pract_source and pract_target go together: give both or neither")
     for name in ("pract_source", "pract_target"):
         value = getattr(params, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            problems.append(f"{name} must be a positive integer")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= INT64_MAX):
+            problems.append(f"{name} must be a positive 64-bit integer")
     if (
         isinstance(params.batch_size, bool)
         or not isinstance(params.batch_size, int)
         or not 1 <= params.batch_size <= 50_000
     ):
         problems.append("batch_size must be an integer from 1 to 50000")
+    if not isinstance(params.allow_mass_delete, bool):
+        problems.append("allow_mass_delete must be true or false")
+    share = params.max_delete_share
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        problems.append("max_delete_share must be a number from 0 to 1")
     if problems:
         raise InvalidParameters("; ".join(problems))
     return params

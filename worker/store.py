@@ -7,12 +7,21 @@ PostgreSQL gets COPY (into the table, or into a temporary staging table followed
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import JSON, Connection, Table, insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DBAPIError
+
+# SQLSTATEs of a value the target cannot hold: class 22 (data exception: too long, bad encoding, out
+# of range, bad datetime), NOT NULL and CHECK violations. Unique violations are not among them: they
+# are the engine's own logic going wrong, and must stop the run.
+REFUSED_VALUE_STATES = ("22", "23502", "23514")
+_COLUMN_IN_CONTEXT = re.compile(r"\bcolumn (\w+)")
 
 
 def jsonable(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -96,3 +105,69 @@ def analyze(conn: Connection, *tables: Table) -> None:
     if conn.dialect.name == "postgresql":
         for table in tables:
             conn.exec_driver_sql(f"ANALYZE {qualified_name(conn, table)}")
+
+
+def savepoint(conn: Connection) -> AbstractContextManager[Any]:
+    """A SAVEPOINT on PostgreSQL; SQLite (the demo; pysqlite's SAVEPOINT handling is unreliable)
+    runs the block in the enclosing transaction."""
+    return conn.begin_nested() if conn.dialect.name == "postgresql" else nullcontext()
+
+
+def is_refused_value(problem: DBAPIError) -> bool:
+    """Did the database refuse a *value* (rather than fail for another reason)?"""
+    state = getattr(problem.orig, "sqlstate", None) or ""
+    return state.startswith(REFUSED_VALUE_STATES)
+
+
+def refused_column(problem: DBAPIError) -> str | None:
+    """The column whose value was refused, from the error's diagnostics (never its message text,
+    which may quote the value)."""
+    diag = getattr(problem.orig, "diag", None)
+    if diag is None:
+        return None
+    if diag.column_name:
+        return str(diag.column_name)
+    found = _COLUMN_IN_CONTEXT.search(diag.context or "")
+    return found.group(1) if found else diag.constraint_name
+
+
+def refused_rows(
+    conn: Connection, table: Table, key: Sequence[str], rows: Sequence[Mapping[str, Any]]
+) -> dict[int, str | None]:
+    """The positions in ``rows`` of the rows the target refuses, each with the refused column.
+
+    Bisects with savepoints that are always rolled back, so the caller's transaction is left as it
+    was: about 2·k·log2(n) probes for k bad rows among n.
+    """
+    refused: dict[int, str | None] = {}
+
+    def probe(lo: int, hi: int) -> None:
+        try:
+            with conn.begin_nested() as attempt:
+                upsert_rows(conn, table, key, rows[lo:hi])
+                attempt.rollback()
+            return
+        except DBAPIError as problem:
+            if not is_refused_value(problem):
+                raise
+            if hi - lo == 1:
+                refused[lo] = refused_column(problem)
+                return
+        middle = (lo + hi) // 2
+        probe(lo, middle)
+        probe(middle, hi)
+
+    if rows and conn.dialect.name == "postgresql":
+        probe(0, len(rows))
+    return refused
+
+
+def missing_from(ours: Iterable[int], theirs: Iterable[int]) -> Iterator[int]:
+    """The ids of sorted ``ours`` that sorted ``theirs`` lacks, in one pass over both."""
+    other = iter(theirs)
+    current = next(other, None)
+    for value in ours:
+        while current is not None and current < value:
+            current = next(other, None)
+        if current != value:
+            yield value

@@ -1,30 +1,25 @@
 """patients and encounters: MariaDB → PostgreSQL, run by the worker on the legacy host.
 
-Each materialization is one worker run for one sistema. Parameters are checked (§8) before any
-connection is opened; the worker streams, transforms and writes, and reports its counts back
-through Dagster Pipes as the materialization's metadata.
+Each materialization is one worker run for one sistema. The run is checked first — it passed the
+run queue, its parameters and partition key are valid (§8) — before any connection is opened; the
+worker streams, transforms and writes, and reports its counts back through Dagster Pipes as the
+materialization's metadata.
 """
 
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
-from dagster import (
-    AssetExecutionContext,
-    AssetsDefinition,
-    Backoff,
-    Config,
-    RetryPolicy,
-    asset,
-)
+from dagster import AssetExecutionContext, AssetsDefinition, Backoff, Config, RetryPolicy, asset
 from pydantic import Field
 
+from migration_assets.launch import require_queued
 from migration_assets.partitions import sistemas_partitions
 from resources.databases import DatabaseResource
 from resources.errors import Category, MigrationError
+from resources.policy import MigrationPolicy
 from resources.worker import WorkerResource
 from worker.params import InvalidParameters, RunParameters, validate
 
-USUARIO_TAG = "migration/usuario"
 # Connection and timeout failures get 3 attempts in all (retries after 2 s, 4 s); others fail at once.
 MIGRATION_RETRY = RetryPolicy(max_retries=2, delay=2, backoff=Backoff.EXPONENTIAL)
 
@@ -39,16 +34,19 @@ class MigrationConfig(Config):
     dry_run: bool = Field(default=False, description="compute everything, write nothing")
     pract_source: int | None = Field(default=None, description="legacy practitioner id to re-assign")
     pract_target: int | None = Field(default=None, description="practitioner id it becomes")
+    allow_mass_delete: bool = Field(
+        default=False, description="let a full run delete more than MAX_DELETE_SHARE of the partition"
+    )
     batch_size: int = Field(default=2000, description="rows per transaction")
     timeout_seconds: float | None = Field(default=None, description="stop the worker after this long")
 
 
-def run_parameters(context: AssetExecutionContext, entity: str, config: MigrationConfig) -> RunParameters:
+def run_parameters(
+    context: AssetExecutionContext, entity: str, config: MigrationConfig, policy: MigrationPolicy
+) -> RunParameters:
     """The worker's parameters, or a VALIDATION_ERROR failure that no retry repeats."""
-    tagged = context.run.tags.get(USUARIO_TAG)
     try:
-        if tagged is not None and tagged != config.usuario:
-            raise InvalidParameters(f"run tag {USUARIO_TAG} and config usuario differ")
+        require_queued(context, config.usuario)
         return validate(
             RunParameters(
                 entity=entity,  # type: ignore[arg-type]
@@ -60,10 +58,14 @@ def run_parameters(context: AssetExecutionContext, entity: str, config: Migratio
                 pract_source=config.pract_source,
                 pract_target=config.pract_target,
                 batch_size=config.batch_size,
+                allow_mass_delete=config.allow_mass_delete,
+                max_delete_share=policy.max_delete_share,
             )
         )
     except InvalidParameters as problem:
         raise MigrationError(Category.VALIDATION_ERROR, str(problem)).as_failure() from None
+    except MigrationError as problem:
+        raise problem.as_failure() from None
 
 
 def clinical_asset(entity: str, description: str, deps: Sequence[AssetsDefinition] = ()) -> AssetsDefinition:
@@ -85,15 +87,16 @@ def clinical_asset(entity: str, description: str, deps: Sequence[AssetsDefinitio
         legacy_db: DatabaseResource,
         clinical_db: DatabaseResource,
         state_db: DatabaseResource,
+        policy: MigrationPolicy,
     ) -> Iterator[Any]:
-        params = run_parameters(context, entity, config)
+        params = run_parameters(context, entity, config, policy)
         secrets = {"legacy_db_url": legacy_db.url, "target_db_url": clinical_db.url, "state_db_url": state_db.url}
         try:
-            invocation = worker.migrate(context, params.worker_argv(), secrets, config.timeout_seconds)
+            reported = worker.migrate(context, params.worker_argv(), secrets, config.timeout_seconds)
         except MigrationError as problem:
             context.log.error(str(problem))
             raise problem.as_failure() from None
-        yield from invocation.get_results()
+        yield from reported
 
     return migrate
 

@@ -1,0 +1,15 @@
+"""What the platform allows a run to do, set by whoever operates it (environment), not by a launcher."""
+
+from __future__ import annotations
+
+from dagster import ConfigurableResource
+from pydantic import Field
+
+
+class MigrationPolicy(ConfigurableResource):
+    """``MAX_DELETE_SHARE`` and ``MIN_COVERAGE`` (DESIGN §4)."""
+
+    max_delete_share: float = Field(
+        default=0.10, ge=0, le=1, description="largest share of a partition a full run may delete"
+    )
+    min_coverage: float = Field(default=0.95, ge=0, le=1, description="lowest acceptable migrated/eligible ratio")
