@@ -22,10 +22,14 @@ demo: install
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
 	$(DEMO_ENV) $(PY) -m demo.run
 
-## make dev: the Dagster UI (and daemon) on the demo data
+## make dev: the Dagster UI and daemon on the demo data (http://127.0.0.1:3000, PORT=… to change),
+## started the way production runs them (not `dagster dev`/`dg dev`, which would warn about the
+## project's own production dagster.yaml sitting beside the demo's DAGSTER_HOME)
 dev: install
 	test -f $(DEMO)/clinical.db || $(MAKE) demo
-	$(DEMO_ENV) $(VENV)/bin/dagster dev -w workspace.yaml
+	$(DEMO_ENV) $(VENV)/bin/dagster-daemon run -w workspace.yaml & daemon=$$!; \
+	trap 'kill $$daemon 2>/dev/null' EXIT INT TERM; \
+	$(DEMO_ENV) $(VENV)/bin/dagster-webserver -w workspace.yaml -h 127.0.0.1 -p $(or $(PORT),3000)
 
 ## make test: lint + the whole suite (real MariaDB, PostgreSQL, sshd)
 test: install sshd lint

@@ -142,3 +142,32 @@ def test_hung_command_times_out_and_the_remote_process_is_gone(sshd: SSHServer) 
     while time.monotonic() < deadline and Path(f"/proc/{process.pid}").exists():
         time.sleep(0.1)
     assert not Path(f"/proc/{process.pid}").exists(), "the remote process survived its timeout"
+
+
+@pytest.mark.parametrize("signum", [9, 15])
+def test_a_command_killed_by_a_signal_reports_it_through_the_wrapper(sshd: SSHServer, signum: int) -> None:
+    """OpenSSH reports a signal as exit-signal, which paramiko drops (-1); the wrapper reports 128+N."""
+    import signal as signals
+
+    ssh = resource(sshd)
+    sleeper = "import sys, time; sys.stdin.read(); print('up', flush=True); time.sleep(60)"
+    with ssh.connect() as client:
+        process = ssh.start(client, [sys.executable, "-c", sleeper], b"")
+        lines = process.lines(time.monotonic() + 30)
+        assert next(lines) == ("stdout", "up") and process.pid is not None
+        os.kill(process.pid, signum)
+        list(lines)
+        code = process.wait()
+        assert code == 128 + signum and not process.connection_lost()
+    with pytest.raises(MigrationError) as caught:
+        from resources.worker import raise_for_exit
+
+        raise_for_exit(code, [], connection_lost=False)
+    assert caught.value.category == Category.WORKER_KILLED and not caught.value.retryable
+    assert signals.Signals(signum).name in str(caught.value)
+
+
+def test_the_wrapper_passes_stdin_to_the_command(sshd: SSHServer) -> None:
+    echo = "import sys; data = sys.stdin.read(); print(len(data), data[:3])"
+    code, out = run(resource(sshd), [sys.executable, "-c", echo], b"xyz" * 100_000)
+    assert (code, out) == (0, ["300000 xyz"])

@@ -29,6 +29,20 @@ def jsonable(row: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v.isoformat() if isinstance(v, (date, datetime)) else v for k, v in row.items()}
 
 
+def from_jsonable(table: Table, previous: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`jsonable` for ``table``: a ledger's ``previous`` as the row it was."""
+    row: dict[str, Any] = {}
+    for name, value in previous.items():
+        kind = table.c[name].type.python_type if value is not None and isinstance(value, str) else None
+        if kind is datetime:
+            row[name] = datetime.fromisoformat(value)
+        elif kind is date:
+            row[name] = date.fromisoformat(value)
+        else:
+            row[name] = value
+    return row
+
+
 def qualified_name(conn: Connection, table: Table) -> str:
     schema = (conn.get_execution_options().get("schema_translate_map") or {}).get(table.schema, table.schema)
     return f'"{schema}"."{table.name}"' if schema else f'"{table.name}"'

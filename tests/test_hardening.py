@@ -1,0 +1,220 @@
+"""Clinical path hardening on real MariaDB, PostgreSQL and sshd: the lock, reproducible hashes, the
+mass-delete guard. Each test fails on the code before its fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, delete, func, insert, select, text, update
+
+from demo.legacy_data import generate
+from demo.sshd import SSHServer
+from worker import rules, schema, store
+
+from .conftest import WORKER_COMMAND
+from .test_clinical import Clinical, metadata
+
+pytestmark = pytest.mark.integration
+
+
+def worker_argv(entity: str, run_id: str, batch_size: int = 20, *extra: str) -> list[str]:
+    return [WORKER_COMMAND, "migrate", "--entity", entity, "--sistema", "HSJ", "--usuario", "ana",
+            "--run-id", run_id, "--batch-size", str(batch_size), *extra]  # fmt: skip
+
+
+def start_worker(argv: list[str], legacy_url: str, target_url: str) -> subprocess.Popen[str]:
+    process = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    assert process.stdin is not None
+    process.stdin.write(json.dumps({"legacy_db_url": legacy_url, "target_db_url": target_url}))
+    process.stdin.close()
+    return process
+
+
+def scalar(engine: Engine, sql: str, **params: Any) -> Any:
+    with engine.connect() as conn:
+        try:
+            return conn.execute(text(sql), params).scalar()
+        except Exception:  # the table may not exist yet
+            return None
+
+
+def wait_for(condition: Any, seconds: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def big(mariadb_url: str, postgres_url: str) -> Iterator[tuple[Engine, Engine, Any]]:
+    legacy, target = schema.make_engine(mariadb_url), schema.make_engine(postgres_url)
+    tally = generate(legacy, patients_per_sistema=6000, encounters_per_patient=0, sistemas=("HSJ",), seed=5)
+    yield legacy, target, tally
+
+
+def test_a_second_worker_never_interleaves_when_the_lock_holders_session_dies(
+    big: tuple[Engine, Engine, Any], mariadb_url: str, postgres_url: str
+) -> None:
+    _, target, tally = big
+    holder = start_worker(worker_argv("patients", "holder"), mariadb_url, postgres_url)
+    wait_for(lambda: (scalar(target, "SELECT last_legacy_id FROM migration.checkpoints") or 0) > 500, what="progress")
+    waiter = start_worker(worker_argv("patients", "waiter"), mariadb_url, postgres_url)
+    wait_for(
+        lambda: scalar(target, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted") == 1,
+        what="the second worker to wait for the lock",
+    )
+    time.sleep(0.5)
+    # Waiting, it has touched no run state: no run row of its own, the live run not marked interrupted.
+    with target.connect() as conn:
+        runs = dict(conn.execute(text("SELECT run_id, status FROM migration.runs")).all())
+    assert runs == {"holder": "running"}
+    # Terminate every session of the lock holder (the lock dies with its session).
+    with target.connect() as conn:
+        killed = conn.execute(
+            text(
+                "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a WHERE a.pid IN "
+                "(SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted) AND a.pid <> pg_backend_pid()"
+            )
+        ).all()
+    assert len(killed) == 1
+    assert holder.wait(timeout=60) != 0, "the holder must stop once its session is gone"
+    assert waiter.wait(timeout=120) == 0, waiter.stderr.read() if waiter.stderr else ""
+    expected = tally.expected("HSJ", "patients")
+    with target.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(schema.patients)).scalar() == expected["migrated"]
+        inserted = dict(
+            conn.execute(
+                text("SELECT legacy_id, count(*) FROM migration.ledger WHERE action = 'inserted' GROUP BY legacy_id")
+            ).all()
+        )
+        stored = set(conn.execute(select(schema.patients.c.legacy_id)).scalars())
+        runs = dict(conn.execute(text("SELECT run_id, status FROM migration.runs")).all())
+        resumed = conn.execute(text("SELECT resumed_from FROM migration.runs WHERE run_id = 'waiter'")).scalar()
+    assert max(inserted.values()) == 1, "a row was recorded as inserted twice"
+    assert set(inserted) == stored, "the ledger and the target disagree"
+    assert runs["waiter"] == "succeeded" and runs["holder"] in ("failed", "interrupted")
+    assert resumed == "holder"
+
+
+def _hashes(engine: Engine, table: Any) -> set[tuple[str, int, str]]:
+    with engine.connect() as conn:
+        return set(conn.execute(select(table.c.sistema, table.c.legacy_id, table.c.content_hash)).all())
+
+
+def test_the_same_source_gives_the_same_hashes_in_any_target(
+    sshd: SSHServer, mariadb_url: str, postgres_url: str, tmp_path: Any
+) -> None:
+    from demo.databases import POSTGRES_ADMIN, throwaway_database
+
+    clinical = Clinical(sshd, mariadb_url, postgres_url, patients_per_sistema=3000, encounters=2)
+    assert clinical.materialize("HSJ").success
+    with throwaway_database(POSTGRES_ADMIN, "second") as second_url:
+        second = schema.make_engine(second_url)
+        schema.create_schemas(second, schema.target_metadata, schema.state_metadata)
+        with second.begin() as conn:  # another target's sequences are somewhere else
+            conn.execute(text("SELECT setval('clinical.patients_id_seq', 100000)"))
+        killed = start_worker(worker_argv("patients", "killed"), mariadb_url, second_url)
+        wait_for(lambda: (scalar(second, "SELECT last_legacy_id FROM migration.checkpoints") or 0) > 200)
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait()
+        assert 0 < scalar(second, "SELECT count(*) FROM clinical.patients") < 2900, "the kill must land mid-run"
+        result = clinical.materialize("HSJ", _target_url=second_url)
+        assert result.success and metadata(result, "patients")["resumed_from_run"] == "killed"
+        first_ids = scalar(clinical.target, "SELECT array_agg(id ORDER BY legacy_id) FROM clinical.patients")
+        second_ids = scalar(second, "SELECT array_agg(id ORDER BY legacy_id) FROM clinical.patients")
+        assert first_ids != second_ids, "the targets' surrogate ids must differ for this test to mean anything"
+        for table in (schema.patients, schema.encounters):
+            assert _hashes(clinical.target, table) == _hashes(second, table), table.name
+
+
+def test_hashes_stored_by_the_earlier_scheme_converge_without_reporting_changes(clinical: Clinical) -> None:
+    assert clinical.materialize("HSJ").success
+    enc = schema.encounters
+    with clinical.target.begin() as conn:
+        current = dict(conn.execute(select(enc.c.id, enc.c.content_hash)).all())
+        rows = conn.execute(select(enc)).mappings().all()
+        # What a release before 0.2 stored: the hash of the target fields, surrogate patient_id included.
+        for row in rows:
+            fields = {k: v for k, v in row.items() if k not in schema.BOOKKEEPING}
+            conn.execute(update(enc).where(enc.c.id == row["id"]).values(content_hash=rules.content_hash(fields)))
+        run_ids = dict(conn.execute(select(enc.c.id, enc.c.run_id)).all())
+        ledger_before = conn.execute(text("SELECT count(*) FROM migration.ledger")).scalar()
+    assert len(rows) > 100
+    result = clinical.materialize("HSJ")
+    assert result.success
+    meta = metadata(result, "encounters")
+    assert (meta["inserted"], meta["updated"], meta["deleted"]) == (0, 0, 0)
+    assert meta["unchanged"] == len(rows) and meta["rehashed"] == len(rows)
+    with clinical.target.connect() as conn:
+        assert dict(conn.execute(select(enc.c.id, enc.c.content_hash)).all()) == current
+        assert dict(conn.execute(select(enc.c.id, enc.c.run_id)).all()) == run_ids
+        assert conn.execute(text("SELECT count(*) FROM migration.ledger")).scalar() == ledger_before
+    again = clinical.materialize("HSJ")
+    assert metadata(again, "encounters")["rehashed"] == 0
+
+
+def _snapshot(engine: Engine) -> str:
+    return scalar(engine, "SELECT md5(string_agg(t::text, ',' ORDER BY id)) FROM clinical.patients t")
+
+
+def test_a_full_run_against_an_emptied_partition_stops_before_deleting(clinical: Clinical) -> None:
+    assert clinical.materialize("HSJ", assets=(clinical_patients(),)).success
+    before = _snapshot(clinical.target)
+    migrated = scalar(clinical.target, "SELECT count(*) FROM clinical.patients WHERE sistema = 'HSJ'")
+    with clinical.legacy.begin() as conn:  # a wrong or emptied legacy partition
+        conn.execute(delete(schema.pacientes).where(schema.pacientes.c.sistema == "HSJ"))
+    refused = clinical.materialize("HSJ", assets=(clinical_patients(),))
+    assert not refused.success
+    failure = next(e for e in refused.all_events if e.event_type_value == "STEP_FAILURE")
+    message = str(failure.step_failure_data.error.message)
+    assert "VALIDATION_ERROR" in message and "allow_mass_delete" in message and "\n" not in message.strip()
+    assert f"would delete {migrated} patients of sistema HSJ" in message
+    assert not [e for e in refused.all_events if e.event_type_value == "STEP_RESTARTED"]
+    assert _snapshot(clinical.target) == before
+    assert scalar(clinical.target, "SELECT count(*) FROM migration.ledger WHERE action = 'deleted'") == 0
+
+    allowed = clinical.materialize("HSJ", assets=(clinical_patients(),), allow_mass_delete=True)
+    assert allowed.success and metadata(allowed, "patients")["deleted"] == migrated
+    assert scalar(clinical.target, "SELECT count(*) FROM clinical.patients") == 0
+    # The ledger can restore every row exactly as it was.
+    with clinical.target.begin() as conn:
+        previous = conn.execute(
+            text("SELECT previous FROM migration.ledger WHERE action = 'deleted' AND run_id = :r"),
+            {"r": allowed.run_id},
+        ).scalars()
+        conn.execute(insert(schema.patients), [store.from_jsonable(schema.patients, p) for p in previous])
+    assert _snapshot(clinical.target) == before
+
+
+def test_rules_driven_deletions_beyond_the_share_stop_the_run(clinical: Clinical) -> None:
+    """Rows quarantined now (not gone) are only known as the run reads them: the batch that would
+    cross the share is rolled back, so a run never deletes more than its share."""
+    assert clinical.materialize("HSJ", assets=(clinical_patients(),), batch_size=20).success
+    migrated = scalar(clinical.target, "SELECT count(*) FROM clinical.patients WHERE sistema = 'HSJ'")
+    with clinical.legacy.begin() as conn:  # every document blanked: everything would be quarantined
+        conn.execute(update(schema.pacientes).where(schema.pacientes.c.sistema == "HSJ").values(documento=None))
+    result = clinical.materialize("HSJ", assets=(clinical_patients(),), batch_size=20)
+    assert not result.success
+    remaining = scalar(clinical.target, "SELECT count(*) FROM clinical.patients WHERE sistema = 'HSJ'")
+    deleted = scalar(clinical.target, "SELECT count(*) FROM migration.ledger WHERE action = 'deleted'")
+    assert migrated - remaining == deleted <= int(migrated * 0.10)
+
+
+def clinical_patients() -> Any:
+    from migration_assets.clinical.assets import patients
+
+    return patients
+
+
+@pytest.fixture
+def clinical(sshd: SSHServer, mariadb_url: str, postgres_url: str) -> Clinical:
+    return Clinical(sshd, mariadb_url, postgres_url)
