@@ -15,19 +15,32 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, RowMapping, Table, and_, bindparam, delete, func, or_, select, update
+import polars as pl
+from sqlalchemy import Connection, Engine, RowMapping, Table, and_, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 
-from worker import locks, rules, schema, store
+from worker import batch, locks, rules, schema, store
 from worker.params import RunParameters
+from worker.source import COLUMNS, LegacyReader
 
+KEY = ("sistema", "legacy_id")
+TARGET_COLUMNS = {
+    "patients": [*batch.PATIENT_FIELDS, batch.HASH],
+    "encounters": [*batch.ENCOUNTER_FIELDS, batch.HASH],
+}
+QUARANTINE_TYPES = {"legacy_id": pl.Int64, "reason": pl.String, "detail": pl.String}
+LEDGER_TYPES = {
+    "entity": pl.String, "partition_key": pl.String, "legacy_id": pl.Int64, "target_id": pl.String,
+    "action": pl.String, "content_hash": pl.String, "previous": pl.String, "run_id": pl.String,
+    "at": pl.Datetime("us", "UTC"),
+}  # fmt: skip
 LOWEST = -(2**62)
 HIGHEST = 2**62
 ANALYZE_FIRST = 10_000
@@ -72,14 +85,13 @@ class Counts:
 
 @dataclass
 class Outcome:
-    """What a batch decided: records to hold in the target, rows to quarantine, rows to evict."""
+    """What a batch did besides its target writes: what the control DB must record."""
 
-    records: dict[int, dict[str, Any]] = field(default_factory=dict)
-    hashes: dict[int, str] = field(default_factory=dict)
-    quarantined: dict[int, rules.Quarantined] = field(default_factory=dict)
-    evicted: list[RowMapping] = field(default_factory=list)
-    # The hash an earlier release stored for the same content, for records whose hash scheme changed.
-    previous_scheme: Callable[[Mapping[str, Any]], str | None] = lambda _: None
+    quarantined: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=QUARANTINE_TYPES))
+    evicted: list[int] = field(default_factory=list)  # target ids of holders that lost their document
+    evicted_legacy: list[int] = field(default_factory=list)
+    ledger: pl.DataFrame | None = None
+    at: datetime | None = None
 
 
 @dataclass
@@ -103,7 +115,7 @@ class MassDeleteRefused(RuntimeError):
 class TargetRefused(Exception):
     """The target refused a value of one of ``writes`` (the batch is redone without that record)."""
 
-    def __init__(self, writes: Sequence[Mapping[str, Any]]) -> None:
+    def __init__(self, writes: pl.DataFrame) -> None:
         super().__init__("the target refused a value")
         self.writes = writes
 
@@ -240,8 +252,9 @@ class Migration:
         last_report = time.monotonic()
         lo = after
         next_analyze = ANALYZE_FIRST
-        for rows in self._stream(source, after, since):
-            hi = rows[-1]["id"]
+        reader = LegacyReader(self.legacy, self.params.entity, self.params.sistema, self.params.batch_size)
+        for rows in reader.pages(after, since):
+            hi = int(rows["id"][-1])
             self._apply_batch(target, state, rows, mode, lo, hi, counts)
             self._refuse_mass_delete(counts.deleted - deleted_before)
             lo = hi
@@ -254,7 +267,8 @@ class Migration:
                 self.progress(counts)
                 last_report = time.monotonic()
         if mode == "full":  # the tail: target rows past the last eligible source row
-            self._apply_batch(target, state, [], mode, lo, HIGHEST, counts)
+            nothing = pl.DataFrame(schema=COLUMNS[self.params.entity].schema())
+            self._apply_batch(target, state, nothing, mode, lo, HIGHEST, counts)
             self._refuse_mass_delete(counts.deleted - deleted_before)
         self._checkpoint(state, lo, counts, watermark, "done")
         self._commit(target, state)
@@ -275,17 +289,6 @@ class Migration:
 
     # --- source --------------------------------------------------------------------------
 
-    def _stream(self, source: Connection, after: int, since: datetime | None) -> Iterator[Sequence[RowMapping]]:
-        """Batches of source rows in id order. Incremental runs see soft-deleted rows too."""
-        t = self.source
-        query = select(t).where(t.c.sistema == self.params.sistema, t.c.id > after).order_by(t.c.id)
-        if since is None:
-            query = query.where(t.c.eliminado == 0)
-        else:
-            query = query.where(t.c.actualizado_en >= since.replace(tzinfo=None))
-        result = source.execute(query.execution_options(stream_results=True, yield_per=self.params.batch_size))
-        yield from result.mappings().partitions()
-
     def _source_watermark(self, source: Connection) -> datetime | None:
         t = self.source
         latest = source.scalar(select(func.max(t.c.actualizado_en)).where(t.c.sistema == self.params.sistema))
@@ -298,7 +301,7 @@ class Migration:
         self,
         target: Connection,
         state: Connection,
-        rows: Sequence[RowMapping],
+        rows: pl.DataFrame,
         mode: str,
         lo: int,
         hi: int,
@@ -306,224 +309,227 @@ class Migration:
     ) -> None:
         """Apply one batch; a record whose value the target refuses is quarantined (INVALID_VALUE)
         and the batch is decided again without it, so no single row can fail a batch."""
-        refused: dict[int, rules.Quarantined] = {}
+        refused: dict[int, str] = {}
         while True:
             attempt = Counts()
             try:
                 with store.savepoint(target):
-                    ledger, outcome = self._apply_batch_once(target, rows, mode, lo, hi, attempt, refused)
+                    outcome = self._apply_batch_once(target, rows, mode, lo, hi, attempt, refused)
             except TargetRefused as problem:
-                found = store.refused_rows(target, self.table, ("sistema", "legacy_id"), problem.writes)
+                found = store.refused_rows(target, self.table, KEY, problem.writes.to_dicts())
                 if not found:
                     raise RuntimeError("the target refused a batch, but no single record of it") from None
                 for index, column in found.items():
                     detail = f"the target cannot hold the value of {column}" if column else "the target refused a value"
-                    refused[problem.writes[index]["legacy_id"]] = rules.Quarantined(rules.INVALID_VALUE, detail)
+                    refused[int(problem.writes["legacy_id"][index])] = detail
                 continue
             break
         counts.add(attempt)
-        batch_ids = [r["id"] for r in rows]
-        self._write_state(state, ledger, outcome, mode, lo, hi, batch_ids, utcnow())
+        self._write_state(state, outcome, mode, lo, hi, rows["id"].to_list())
+
+    def _transform(self, target: Connection, eligible: pl.DataFrame) -> pl.DataFrame:
+        """§6 for the batch (worker/batch.py): target fields, ``_reason``/``_detail``, content hash."""
+        p = self.params
+        if p.entity == "patients":
+            return batch.transform_patients(eligible, today=self.today, mapping=p.mapping)
+        pt = schema.patients
+        wanted = eligible["paciente_id"].drop_nulls().unique().to_list()
+        ids = store.frame_of(
+            target,
+            select(pt.c.legacy_id, pt.c.id).where(
+                pt.c.sistema == p.sistema, store.one_of(target, pt.c.legacy_id, wanted)
+            ),
+            {"legacy_id": pl.Int64, "id": pl.Int64},
+        )
+        return batch.transform_encounters(eligible, ids, mapping=p.mapping)
 
     def _apply_batch_once(
         self,
         target: Connection,
-        rows: Sequence[RowMapping],
+        rows: pl.DataFrame,
         mode: str,
         lo: int,
         hi: int,
         counts: Counts,
-        refused: Mapping[int, rules.Quarantined],
-    ) -> tuple[list[dict[str, Any]], Outcome]:
+        refused: Mapping[int, str],
+    ) -> Outcome:
         p = self.params
         t = self.table
-        eligible = [r for r in rows if not r["eliminado"]]
-        counts.read += len(rows)
-        batch_ids = [r["id"] for r in rows]
+        counts.read += rows.height
+        decided = self._transform(target, rows.filter(pl.col("eliminado") == 0))
+        if refused:  # a value the target refused is a rule broken, decided before duplicates
+            hit = pl.col("legacy_id").is_in(list(refused))
+            decided = decided.with_columns(
+                pl.when(hit).then(pl.lit(rules.INVALID_VALUE)).otherwise(pl.col(batch.REASON)).alias(batch.REASON),
+                pl.when(hit)
+                .then(pl.col("legacy_id").replace_strict(refused, default=None, return_dtype=pl.String))
+                .otherwise(pl.col(batch.DETAIL))
+                .alias(batch.DETAIL),
+            )
         if mode == "full":  # the batch decides every legacy id of its range
             scope = and_(t.c.legacy_id > lo, t.c.legacy_id <= hi)
-            outcome = self._decide(target, eligible, lambda legacy_id: lo < legacy_id <= hi, refused)
+            in_scope = (pl.col("legacy_id") > lo) & (pl.col("legacy_id") <= hi)
         else:  # the batch decides the ids it read
-            scope = t.c.legacy_id.in_(batch_ids)
-            outcome = self._decide(target, eligible, set(batch_ids).__contains__, refused)
-        existing = {
-            r["legacy_id"]: r for r in target.execute(select(t).where(t.c.sistema == p.sistema, scope)).mappings()
-        }
+            batch_ids = rows["id"].to_list()
+            scope = store.one_of(target, t.c.legacy_id, batch_ids)
+            in_scope = pl.col("legacy_id").is_in(batch_ids)
+        outcome = Outcome()
+        if p.entity == "patients":
+            decided = self._decide_duplicates(target, decided, in_scope, outcome)
+        passing = decided.filter(pl.col(batch.REASON).is_null())
+        failing = decided.filter(pl.col(batch.REASON).is_not_null())
+        outcome.quarantined = failing.select(
+            "legacy_id", pl.col(batch.REASON).alias("reason"), pl.col(batch.DETAIL).alias("detail")
+        )
+        existing = store.frame_of(
+            target,
+            select(t.c.legacy_id, t.c.id, t.c.content_hash).where(t.c.sistema == p.sistema, scope),
+            {"legacy_id": pl.Int64, "id": pl.Int64, "old_hash": pl.String},
+        )
         now = utcnow()
-        ledger: list[dict[str, Any]] = []
-
-        def entry(legacy_id: int, action: str, target_id: Any, content: str | None, previous: Any) -> None:
-            ledger.append(
-                {
-                    "entity": p.entity,
-                    "partition_key": p.sistema,
-                    "legacy_id": legacy_id,
-                    "target_id": None if target_id is None else str(target_id),
-                    "action": action,
-                    "content_hash": content,
-                    "previous": previous,
-                    "run_id": p.run_id,
-                    "at": now,
-                }
-            )
-
-        doomed = [row for legacy_id, row in existing.items() if legacy_id not in outcome.records]
+        joined = passing.join(existing, on="legacy_id", how="left")
+        same = joined["old_hash"] == joined[batch.HASH]
+        counts.unchanged += int(same.sum())
+        changed = joined.filter(~same.fill_null(False))
+        if p.entity == "encounters" and changed["id"].is_not_null().any():
+            # Same content, hashed the way an earlier release did (with the target's patient_id):
+            # bring the stored hash up to date in place — not a change: no ledger row, run_id kept.
+            known = changed.filter(pl.col("id").is_not_null())
+            earlier = batch.hashes(known, batch.ENCOUNTER_FIELDS)
+            rehash = known.filter(earlier == known["old_hash"])
+            store.set_hashes(target, t, rehash["id"].to_list(), rehash[batch.HASH].to_list())
+            counts.unchanged += rehash.height
+            counts.rehashed += rehash.height
+            changed = changed.filter(~pl.col("legacy_id").is_in(rehash["legacy_id"].implode()))
+        doomed = existing.filter(~pl.col("legacy_id").is_in(passing["legacy_id"].implode()))["id"].to_list()
         doomed += outcome.evicted  # outside the scope, so never in ``existing``
+        entries: list[pl.DataFrame] = []
         if doomed:
-            target.execute(delete(t).where(t.c.id.in_([row["id"] for row in doomed])))
-            for row in doomed:
-                entry(row["legacy_id"], "deleted", row["id"], None, store.jsonable(row))
-            counts.deleted += len(doomed)
-
-        writes: list[dict[str, Any]] = []
-        inserted: list[int] = []
-        rehash: list[dict[str, Any]] = []
-        for legacy_id, record in outcome.records.items():
-            digest = outcome.hashes[legacy_id]
-            old = existing.get(legacy_id)
-            if old is not None and old["content_hash"] == digest:
-                counts.unchanged += 1  # counted, never given a ledger row (§5: the ledger records changes)
-                continue
-            if old is not None and outcome.previous_scheme(record) == old["content_hash"]:
-                # Same content, hashed the way an earlier release did: bring the stored hash up to
-                # date in place. Not a change of the record: no ledger row, run_id kept.
-                rehash.append({"_id": old["id"], "_hash": digest})
-                counts.unchanged += 1
-                counts.rehashed += 1
-                continue
-            writes.append({**record, "content_hash": digest, "run_id": p.run_id, "migrated_at": now})
-            if old is None:
-                inserted.append(legacy_id)
-                counts.inserted += 1
-            else:
-                entry(legacy_id, "updated", old["id"], digest, store.jsonable(old))
-                counts.updated += 1
-        if rehash:
-            target.execute(update(t).where(t.c.id == bindparam("_id")).values(content_hash=bindparam("_hash")), rehash)
+            gone = store.previous_versions(target, t, doomed, delete_them=True)
+            entries.append(self._entries(gone, "deleted", None, now))
+            counts.deleted += len(gone)
+        updated = changed.filter(pl.col("id").is_not_null())
+        if updated.height:
+            before = store.previous_versions(target, t, updated["id"].to_list(), delete_them=False)
+            new_hashes = dict(zip(updated["legacy_id"], updated[batch.HASH], strict=True))
+            entries.append(self._entries(before, "updated", new_hashes, now))
+            counts.updated += updated.height
+        writes = changed.select(
+            *TARGET_COLUMNS[p.entity], pl.lit(p.run_id).alias("run_id"), pl.lit(now).alias("migrated_at")
+        )
         try:
-            returned = store.upsert_rows(target, t, ("sistema", "legacy_id"), writes, returning=("legacy_id", "id"))
+            written = store.upsert_frame(target, t, KEY, writes, fresh=existing.height == 0)
         except DBAPIError as problem:
             if store.is_refused_value(problem):
                 raise TargetRefused(writes) from None
             raise
-        new_ids = dict(returned)
-        for legacy_id in inserted:
-            entry(legacy_id, "inserted", new_ids[legacy_id], outcome.hashes[legacy_id], None)
-        counts.quarantined.update(problem.reason for problem in outcome.quarantined.values())
-        return ledger, outcome
+        fresh = changed.filter(pl.col("id").is_null())
+        if fresh.height:
+            ids = dict(written)
+            hashes = dict(zip(fresh["legacy_id"], fresh[batch.HASH], strict=True))
+            entries.append(self._entries([(i, ids[i], None) for i in hashes], "inserted", hashes, now))
+            counts.inserted += fresh.height
+        counts.quarantined.update(outcome.quarantined["reason"].to_list())
+        outcome.ledger = pl.concat(entries) if entries else None
+        outcome.at = now
+        return outcome
+
+    def _entries(
+        self, rows: Sequence[tuple[int, int, str | None]], action: str, hashes: Mapping[int, str] | None, now: datetime
+    ) -> pl.DataFrame:
+        """Ledger rows for ``(legacy_id, target id, previous JSON)`` triples."""
+        p = self.params
+        legacy_ids = [r[0] for r in rows]
+        return pl.DataFrame(
+            {
+                "entity": p.entity,
+                "partition_key": p.sistema,
+                "legacy_id": legacy_ids,
+                "target_id": [str(r[1]) for r in rows],
+                "action": action,
+                "content_hash": [hashes[i] for i in legacy_ids] if hashes else [None] * len(rows),
+                "previous": [r[2] for r in rows],
+                "run_id": p.run_id,
+                "at": now,
+            },
+            schema=LEDGER_TYPES,
+        )
 
     def _write_state(
-        self,
-        state: Connection,
-        ledger: list[dict[str, Any]],
-        outcome: Outcome,
-        mode: str,
-        lo: int,
-        hi: int,
-        batch_ids: Sequence[int],
-        now: datetime,
+        self, state: Connection, outcome: Outcome, mode: str, lo: int, hi: int, batch_ids: Sequence[int]
     ) -> None:
         """Ledger rows, and the quarantine as it now stands for the rows this batch covers."""
         p = self.params
         q = schema.quarantine
-        store.insert_rows(state, schema.ledger, ledger)
-        covered = and_(q.c.legacy_id > lo, q.c.legacy_id <= hi) if mode == "full" else q.c.legacy_id.in_(batch_ids)
+        if outcome.ledger is not None:
+            store.copy_frame(state, schema.ledger, outcome.ledger)
+        covered = (
+            and_(q.c.legacy_id > lo, q.c.legacy_id <= hi)
+            if mode == "full"
+            else store.one_of(state, q.c.legacy_id, batch_ids)
+        )
         mine = and_(q.c.entity == p.entity, q.c.partition_key == p.sistema)
-        evicted = [row["legacy_id"] for row in outcome.evicted]  # outside the covered rows
-        state.execute(delete(q).where(mine, or_(covered, q.c.legacy_id.in_(evicted)) if evicted else covered))
-        quarantined = {
-            **outcome.quarantined,
-            **{legacy_id: rules.Quarantined(rules.DUPLICATE_DOCUMENT, DUPLICATE_DETAIL) for legacy_id in evicted},
-        }
-        store.insert_rows(
+        evicted = outcome.evicted_legacy  # outside the covered rows
+        state.execute(
+            delete(q).where(mine, or_(covered, store.one_of(state, q.c.legacy_id, evicted)) if evicted else covered)
+        )
+        quarantined = pl.concat(
+            [
+                outcome.quarantined,
+                pl.DataFrame(
+                    {"legacy_id": evicted, "reason": rules.DUPLICATE_DOCUMENT, "detail": DUPLICATE_DETAIL},
+                    schema={"legacy_id": pl.Int64, "reason": pl.String, "detail": pl.String},
+                ),
+            ]
+        ).sort("legacy_id")
+        store.copy_frame(
             state,
             q,
-            [
-                {
-                    "entity": p.entity,
-                    "partition_key": p.sistema,
-                    "legacy_id": legacy_id,
-                    "reason": problem.reason,
-                    "detail": problem.detail,
-                    "run_id": p.run_id,
-                    "created_at": now,
-                }
-                for legacy_id, problem in sorted(quarantined.items())
-            ],
+            quarantined.select(
+                pl.lit(p.entity).alias("entity"),
+                pl.lit(p.sistema).alias("partition_key"),
+                "legacy_id",
+                "reason",
+                "detail",
+                pl.lit(p.run_id).alias("run_id"),
+                pl.lit(outcome.at or utcnow()).alias("created_at"),
+            ),
         )
 
-    def _decide(
-        self,
-        target: Connection,
-        eligible: Sequence[RowMapping],
-        in_scope: Callable[[int], bool],
-        refused: Mapping[int, rules.Quarantined],
-    ) -> Outcome:
-        """Apply the per-row rules; a record the target refused earlier is quarantined like a row
-        that broke a rule, before duplicates are decided, so it never holds a document."""
-        outcome = Outcome()
-        transform = self._patient if self.params.entity == "patients" else self._encounter_transform(target, eligible)
-        for row in eligible:
-            try:
-                if row["id"] in refused:
-                    raise refused[row["id"]]
-                outcome.records[row["id"]], outcome.hashes[row["id"]] = transform(row)
-            except rules.Quarantined as problem:
-                outcome.quarantined[row["id"]] = problem
-        if self.params.entity == "patients":
-            self._decide_duplicates(target, outcome, in_scope)
-        else:
-            outcome.previous_scheme = rules.content_hash  # before 0.2 an encounter hashed its target patient_id
-        return outcome
-
-    def _patient(self, row: RowMapping) -> tuple[dict[str, Any], str]:
-        record = rules.transform_patient(row, today=self.today, mapping=self.params.mapping)
-        return record, rules.content_hash(record)
-
-    def _encounter_transform(
-        self, target: Connection, eligible: Sequence[RowMapping]
-    ) -> Callable[[RowMapping], tuple[dict[str, Any], str]]:
-        """Encounters hang off the patients migrated in this sistema: one lookup per batch."""
-        p = schema.patients
-        wanted = {r["paciente_id"] for r in eligible if r["paciente_id"] is not None}
-        patient_ids = (
-            dict(
-                target.execute(
-                    select(p.c.legacy_id, p.c.id).where(p.c.sistema == self.params.sistema, p.c.legacy_id.in_(wanted))
-                ).all()
-            )
-            if wanted
-            else {}
-        )
-
-        def transform(row: RowMapping) -> tuple[dict[str, Any], str]:
-            record = rules.transform_encounter(
-                row, patient_id=patient_ids.get(row["paciente_id"]), mapping=self.params.mapping
-            )
-            return record, rules.encounter_hash(record, row["paciente_id"])
-
-        return transform
-
-    def _decide_duplicates(self, target: Connection, outcome: Outcome, in_scope: Callable[[int], bool]) -> None:
-        claims = {legacy_id: record["national_id"] for legacy_id, record in outcome.records.items()}
-        if not claims:
-            return
+    def _decide_duplicates(
+        self, target: Connection, decided: pl.DataFrame, in_scope: pl.Expr, outcome: Outcome
+    ) -> pl.DataFrame:
+        """DUPLICATE_DOCUMENT (rules.first_claim_wins): per national id, the lowest legacy id among the
+        batch's passing rows and the target rows outside the batch that hold it now."""
+        claims = decided.filter(pl.col(batch.REASON).is_null()).select("legacy_id", "national_id")
+        if claims.height == 0:
+            return decided
         t = self.table
         # Target rows this batch decides (its range, or its ids) hold nothing: they are about to
         # be rewritten or deleted. Only rows outside the batch can already own a document.
-        holders = {
-            r["national_id"]: r
-            for r in target.execute(
-                select(t).where(t.c.sistema == self.params.sistema, t.c.national_id.in_(set(claims.values())))
-            ).mappings()
-            if not in_scope(r["legacy_id"])
-        }
-        owners, losers = rules.first_claim_wins(claims, {n: r["legacy_id"] for n, r in holders.items()})
-        for legacy_id in losers:
-            del outcome.records[legacy_id]
-            del outcome.hashes[legacy_id]
-            outcome.quarantined[legacy_id] = rules.Quarantined(rules.DUPLICATE_DOCUMENT, DUPLICATE_DETAIL)
-        outcome.evicted = [row for national_id, row in holders.items() if owners[national_id] != row["legacy_id"]]
+        holders = store.frame_of(
+            target,
+            select(t.c.legacy_id, t.c.id, t.c.national_id).where(
+                t.c.sistema == self.params.sistema,
+                store.one_of(target, t.c.national_id, claims["national_id"].unique().to_list()),
+            ),
+            {"legacy_id": pl.Int64, "id": pl.Int64, "national_id": pl.String},
+        ).filter(~in_scope)
+        owners = (
+            pl.concat([claims, holders.select("legacy_id", "national_id")])
+            .group_by("national_id")
+            .agg(pl.col("legacy_id").min().alias("owner"))
+        )
+        losers = claims.join(owners, on="national_id").filter(pl.col("legacy_id") != pl.col("owner"))["legacy_id"]
+        evicted = holders.join(owners, on="national_id").filter(pl.col("legacy_id") != pl.col("owner"))
+        outcome.evicted = evicted["id"].to_list()
+        outcome.evicted_legacy = evicted["legacy_id"].to_list()
+        lost = pl.col("legacy_id").is_in(losers.implode())
+        return decided.with_columns(
+            pl.when(lost).then(pl.lit(rules.DUPLICATE_DOCUMENT)).otherwise(pl.col(batch.REASON)).alias(batch.REASON),
+            pl.when(lost).then(pl.lit(DUPLICATE_DETAIL)).otherwise(pl.col(batch.DETAIL)).alias(batch.DETAIL),
+            pl.when(lost).then(None).otherwise(pl.col(batch.HASH)).alias(batch.HASH),
+        )
 
     # --- control tables (read and written only while the lock is held) ---------------------
 

@@ -6,6 +6,7 @@ PostgreSQL gets COPY (into the table, or into a temporary staging table followed
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -185,3 +186,131 @@ def missing_from(ours: Iterable[int], theirs: Iterable[int]) -> Iterator[int]:
             current = next(other, None)
         if current != value:
             yield value
+
+
+# --- frames (the fast path) --------------------------------------------------------------------
+
+
+def one_of(conn: Connection, column: Any, values: Sequence[Any]) -> Any:
+    """``column`` is one of ``values``: ``= ANY(array)`` on PostgreSQL (one parameter, one plan),
+    ``IN (…)`` elsewhere."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy import any_, bindparam
+        from sqlalchemy.dialects.postgresql import ARRAY
+
+        return column == any_(bindparam(None, list(values), type_=ARRAY(column.type)))
+    return column.in_(list(values))
+
+
+def frame_of(conn: Connection, statement: Any, types: Mapping[str, Any]) -> Any:
+    """The rows of ``statement`` as a polars frame with the given column types."""
+    import polars as pl
+
+    return pl.DataFrame(conn.execute(statement).all(), schema=dict(types), orient="row")
+
+
+def copy_frame(conn: Connection, table: Table, frame: Any) -> None:
+    """Append a polars frame's rows: one COPY … CSV on PostgreSQL (no Python per row), executemany
+    elsewhere. JSON columns hold JSON text."""
+    if frame.height == 0:
+        return
+    if conn.dialect.name != "postgresql":
+        as_json = {c for c in frame.columns if isinstance(table.c[c].type, JSON)}
+        rows = [
+            {k: json.loads(v) if k in as_json and v is not None else v for k, v in r.items()} for r in frame.to_dicts()
+        ]
+        conn.execute(insert(table), rows)
+        return
+    _copy_csv(conn, qualified_name(conn, table), frame)
+
+
+def _copy_csv(conn: Connection, qualified: str, frame: Any) -> None:
+    buffer = io.BytesIO()
+    frame.write_csv(
+        buffer,
+        include_header=False,
+        null_value=r"\N",
+        quote_style="non_numeric",  # an empty string is "", a NULL is a bare \N
+        datetime_format="%Y-%m-%d %H:%M:%S%.6f%:z",
+        date_format="%Y-%m-%d",
+    )
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    with (
+        cursor,
+        cursor.copy(f"COPY {qualified} ({_names(frame.columns)}) FROM STDIN WITH (FORMAT csv, NULL '\\N')") as copy,
+    ):
+        copy.write(buffer.getbuffer())
+
+
+def upsert_frame(
+    conn: Connection, table: Table, key: Sequence[str], frame: Any, *, fresh: bool
+) -> list[tuple[Any, ...]]:
+    """Insert or overwrite a frame's rows by ``key``; return ``(legacy_id, id)`` of every row written.
+
+    ``fresh``: none of the rows exists yet (their range of the target is empty), so they are copied
+    straight into the table, without a staging table or ON CONFLICT."""
+    if frame.height == 0:
+        return []
+    if conn.dialect.name != "postgresql":
+        return upsert_rows(conn, table, key, frame.to_dicts(), returning=("legacy_id", "id"))
+    target = qualified_name(conn, table)
+    names = _names(frame.columns)
+    if fresh:
+        _copy_csv(conn, target, frame)
+        result = conn.exec_driver_sql(
+            f'SELECT "legacy_id", "id" FROM {target} WHERE "sistema" = %(s)s AND "legacy_id" = ANY(%(ids)s)',
+            {"s": frame["sistema"][0], "ids": frame["legacy_id"].to_list()},
+        )
+        return [tuple(r) for r in result.all()]
+    stage = f"stage_{table.name}"
+    conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {stage} AS SELECT {names} FROM {target} WITH NO DATA")
+    conn.exec_driver_sql(f"TRUNCATE {stage}")
+    _copy_csv(conn, stage, frame)
+    updates = ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in frame.columns if c not in key)
+    result = conn.exec_driver_sql(
+        f"INSERT INTO {target} ({names}) SELECT {names} FROM {stage} "
+        f'ON CONFLICT ({_names(key)}) DO UPDATE SET {updates} RETURNING "legacy_id", "id"'
+    )
+    return [tuple(r) for r in result.all()]
+
+
+def previous_versions(
+    conn: Connection, table: Table, ids: Sequence[int], *, delete_them: bool
+) -> list[tuple[int, int, str]]:
+    """``(legacy_id, id, the row as JSON text)`` of the rows with these target ids — what the
+    ledger keeps to restore them — deleting them too if ``delete_them``."""
+    if not ids:
+        return []
+    if conn.dialect.name == "postgresql":
+        target = qualified_name(conn, table)
+        picked = 't."legacy_id", t."id", to_jsonb(t)::text'
+        where = 't."id" = ANY(%(ids)s)'
+        if delete_them:
+            sql = f"DELETE FROM {target} AS t WHERE {where} RETURNING {picked}"
+        else:
+            sql = f"SELECT {picked} FROM {target} AS t WHERE {where}"
+        return [tuple(r) for r in conn.exec_driver_sql(sql, {"ids": list(ids)}).all()]  # type: ignore[misc]
+    rows = conn.execute(table.select().where(table.c.id.in_(list(ids)))).mappings().all()
+    found = [(r["legacy_id"], r["id"], json.dumps(jsonable(r))) for r in rows]
+    if delete_them:
+        conn.execute(table.delete().where(table.c.id.in_(list(ids))))
+    return found
+
+
+def set_hashes(conn: Connection, table: Table, ids: Sequence[int], hashes: Sequence[str]) -> None:
+    """Rewrite ``content_hash`` of the given target rows in place (nothing else of them)."""
+    if not ids:
+        return
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(
+            f'UPDATE {qualified_name(conn, table)} AS t SET "content_hash" = u.h '
+            f'FROM unnest(%(ids)s::bigint[], %(hashes)s::text[]) AS u(id, h) WHERE t."id" = u.id',
+            {"ids": list(ids), "hashes": list(hashes)},
+        )
+        return
+    from sqlalchemy import bindparam, update
+
+    conn.execute(
+        update(table).where(table.c.id == bindparam("_id")).values(content_hash=bindparam("_h")),
+        [{"_id": i, "_h": h} for i, h in zip(ids, hashes, strict=True)],
+    )

@@ -1,0 +1,153 @@
+"""The legacy source, read a batch at a time as polars frames, in legacy-id order (keyset pages).
+
+MariaDB/MySQL is read through connectorx straight into Arrow; any other source (SQLite in the
+demo) through SQLAlchemy. Either way the frame has the same columns and types, and DATETIMEs
+arrive as the text the database prints, parsed by :func:`legacy_datetime` exactly as
+``rules.coerce_datetime`` reads it (zero dates are NULL: connectorx cannot hold them as dates).
+A reader thread fetches the next page while the current one is transformed and written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote
+
+import polars as pl
+from sqlalchemy import Engine, String, Table, cast, select
+from sqlalchemy.engine import make_url
+
+from worker import schema
+
+DATETIME_FORMATS = ("%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d")
+
+
+@dataclass(frozen=True)
+class Columns:
+    """What a transform needs of a legacy table: its columns, which of them are DATETIMEs."""
+
+    table: Table
+    names: tuple[str, ...]
+    datetimes: tuple[str, ...]
+
+    def schema(self) -> dict[str, pl.DataType]:
+        types: dict[str, pl.DataType] = {}
+        for name in self.names:
+            column = self.table.c[name]
+            if name in self.datetimes:
+                types[name] = pl.Datetime("us")
+            elif column.type.python_type is int:
+                types[name] = pl.Int64
+            else:
+                types[name] = pl.String
+        return types
+
+
+PATIENT_COLUMNS = Columns(
+    schema.pacientes,
+    ("id", "sistema", "documento", "tipo_documento", "nombres", "apellidos", "fecha_nacimiento", "sexo", "email",
+     "telefono", "profesional_id", "actualizado_en", "eliminado"),
+    ("actualizado_en",),
+)  # fmt: skip
+ENCOUNTER_COLUMNS = Columns(
+    schema.atenciones,
+    ("id", "sistema", "paciente_id", "profesional_id", "fecha", "tipo", "diagnostico", "notas", "estado",
+     "actualizado_en", "eliminado"),
+    ("fecha", "actualizado_en"),
+)  # fmt: skip
+COLUMNS = {"patients": PATIENT_COLUMNS, "encounters": ENCOUNTER_COLUMNS}
+
+
+def legacy_datetime(expr: pl.Expr) -> pl.Expr:
+    """rules.coerce_datetime of DATETIME text: zero dates ('0000-00-00 …'), zero-in-date values and
+    junk are NULL; the rest is a naive datetime (taken as UTC by the rules)."""
+    text = expr.str.strip_chars()
+    parsed = pl.coalesce(*(text.str.to_datetime(f, time_unit="us", strict=False) for f in DATETIME_FORMATS))
+    return pl.when(text.str.starts_with("0000-00-00") | (parsed.dt.year() < 1)).then(None).otherwise(parsed)
+
+
+def _connectorx_url(engine: Engine) -> str | None:
+    """The connectorx form of a MariaDB/MySQL URL, or None: other sources (SQLite in the demo) are
+    read through SQLAlchemy (connectorx cannot type SQLite's all-NULL columns)."""
+    url = make_url(engine.url.render_as_string(hide_password=False))
+    if url.get_backend_name() == "mysql":
+        credentials = quote(url.username or "", safe="")
+        if url.password:
+            credentials += ":" + quote(url.password, safe="")
+        host = f"{url.host or '127.0.0.1'}:{url.port or 3306}"
+        return f"mysql://{credentials}@{host}/{url.database}"
+    return None
+
+
+class LegacyReader:
+    """Pages of one entity of one sistema: ``WHERE sistema = … AND id > … ORDER BY id LIMIT n``."""
+
+    def __init__(self, engine: Engine, entity: str, sistema: str, page: int) -> None:
+        self.engine = engine
+        self.columns = COLUMNS[entity]
+        self.sistema = sistema
+        self.page = page
+        self.url = _connectorx_url(engine)
+
+    def _query(self, after: int, since: datetime | None) -> Any:
+        t = self.columns.table
+        picked = [cast(t.c[n], String).label(n) if n in self.columns.datetimes else t.c[n] for n in self.columns.names]
+        query = select(*picked).where(t.c.sistema == self.sistema, t.c.id > after).order_by(t.c.id).limit(self.page)
+        if since is None:
+            return query.where(t.c.eliminado == 0)
+        return query.where(t.c.actualizado_en >= since.replace(tzinfo=None))
+
+    def _fetch(self, after: int, since: datetime | None) -> pl.DataFrame:
+        query = self._query(after, since)
+        types = {n: (pl.String if n in self.columns.datetimes else kind) for n, kind in self.columns.schema().items()}
+        if self.url is not None:
+            import connectorx
+
+            # Literal binds are safe here: a validated sistema, integers and a datetime.
+            sql = str(query.compile(self.engine, compile_kwargs={"literal_binds": True}))
+            frame = pl.from_arrow(connectorx.read_sql(self.url, sql, return_type="arrow"))
+            assert isinstance(frame, pl.DataFrame)
+            frame = frame.cast(types) if frame.height else pl.DataFrame(schema=types)
+        else:
+            with self.engine.connect() as conn:
+                frame = pl.DataFrame(conn.execute(query).all(), schema=types, orient="row")
+        return frame.with_columns(legacy_datetime(pl.col(n)).alias(n) for n in self.columns.datetimes)
+
+    def pages(self, after: int, since: datetime | None = None) -> Iterator[pl.DataFrame]:
+        """Every page after legacy id ``after``, fetched one ahead on a reader thread."""
+        ahead: queue.Queue[pl.DataFrame | BaseException | None] = queue.Queue(maxsize=1)
+        stop = threading.Event()
+
+        def read() -> None:
+            last = after
+            try:
+                while not stop.is_set():
+                    frame = self._fetch(last, since)
+                    if frame.height == 0:
+                        break
+                    ahead.put(frame)
+                    last = int(frame["id"][-1])
+                    if frame.height < self.page:
+                        break
+            except BaseException as problem:  # handed to the consumer, raised there
+                ahead.put(problem)
+                return
+            ahead.put(None)
+
+        reader = threading.Thread(target=read, name="legacy-reader", daemon=True)
+        reader.start()
+        try:
+            while (item := ahead.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while reader.is_alive():  # unblock a reader waiting to hand over a page
+                with contextlib.suppress(queue.Empty):
+                    ahead.get(timeout=0.1)
