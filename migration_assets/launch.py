@@ -125,4 +125,5 @@ def require_queued(context: AssetExecutionContext, usuario: str) -> None:
             Category.VALIDATION_ERROR,
             "this run did not pass the run queue, whose limits (2 migrations at once, 1 per partition, "
             f"1 per usuario) every migration keeps: {HOW_TO_LAUNCH}, not `dagster asset materialize`",
+            ours=True,
         )

@@ -100,9 +100,28 @@ class Hostile:
             "fecha": self.moment(),
             "tipo": self.code(["consulta", "control", "urgencia", "procedimiento"]),
             "diagnostico": self.pick(
-                ["J45.9", "j459", " E11 ", "I10", "z00.00", None, "", "A09X", "J4", "123", "J45.99999", "J 45 9",
-                 "J45\n", "Ｊ４５", "j45.9\x00", "\u3000J45", "J45.", ".", self.text(10)]
-            ),  # fmt: skip
+                [
+                    "J45.9",
+                    "j459",
+                    " E11 ",
+                    "I10",
+                    "z00.00",
+                    None,
+                    "",
+                    "A09X",
+                    "J4",
+                    "123",
+                    "J45.99999",
+                    "J 45 9",
+                    "J45\n",
+                    "Ｊ４５",
+                    "j45.9\x00",
+                    "\u3000J45",
+                    "J45.",
+                    ".",
+                    self.text(10),
+                ]
+            ),
             "notas": self.pick([None, "", self.text(), "línea 1\n\tlínea 2 ❤️", "a\x00b" * 3]),
             "estado": self.code(["cerrada", "abierta", "anulada"]),
             "actualizado_en": self.moment(),
@@ -178,7 +197,7 @@ def test_encounters_batch_equals_the_reference() -> None:
 
 def test_canonical_form_is_byte_equal_for_every_type() -> None:
     rows = [
-        {"s": "a\"b\\c\n\x01\u2028é😀", "i": -(2**63), "b": True, "d": date(1900, 1, 1), "t": datetime(999, 1, 2)},
+        {"s": 'a"b\\c\n\x01\u2028é😀', "i": -(2**63), "b": True, "d": date(1900, 1, 1), "t": datetime(999, 1, 2)},
         {"s": None, "i": None, "b": False, "d": None, "t": None},
     ]
     frame = pl.DataFrame(rows, schema={"s": pl.String, "i": pl.Int64, "b": pl.Boolean, "d": pl.Date, "t": pl.Datetime})
