@@ -5,7 +5,9 @@ PY     := $(VENV)/bin/python
 DEMO   := $(CURDIR)/.demo
 DEMO_ENV := DAGSTER_HOME=$(DEMO)/dagster_home \
 	WORKER_TRANSPORT=local WORKER_COMMAND=$(CURDIR)/$(VENV)/bin/clinic-migrate \
-	LEGACY_DB_URL=sqlite:///$(DEMO)/legacy.db CLINICAL_DB_URL=sqlite:///$(DEMO)/clinical.db
+	LEGACY_DB_URL=sqlite:///$(DEMO)/legacy.db CLINICAL_DB_URL=sqlite:///$(DEMO)/clinical.db \
+	DJANGO_DB_URL=sqlite:///$(DEMO)/django.db FIRESTORE_PROJECT=demo-migration \
+	MEDIA_TRANSPORT=local MEDIA_ROOT=$(DEMO)/media BLOB_STORE_URL=$(DEMO)/blobs
 
 .PHONY: install demo dev test lint check sshd bench clean
 
@@ -27,9 +29,11 @@ demo: install
 ## project's own production dagster.yaml sitting beside the demo's DAGSTER_HOME)
 dev: install
 	test -f $(DEMO)/clinical.db || $(MAKE) demo
-	$(DEMO_ENV) $(VENV)/bin/dagster-daemon run -w workspace.yaml & daemon=$$!; \
-	trap 'kill $$daemon 2>/dev/null' EXIT INT TERM; \
-	$(DEMO_ENV) $(VENV)/bin/dagster-webserver -w workspace.yaml -h 127.0.0.1 -p $(or $(PORT),3000)
+	$(PY) -m demo.firestore_emulator --port 8686 & emulator=$$!; \
+	$(DEMO_ENV) FIRESTORE_EMULATOR_HOST=127.0.0.1:8686 $(VENV)/bin/dagster-daemon run -w workspace.yaml & daemon=$$!; \
+	trap 'kill $$daemon 2>/dev/null; kill -INT $$emulator 2>/dev/null' EXIT INT TERM; \
+	$(DEMO_ENV) FIRESTORE_EMULATOR_HOST=127.0.0.1:8686 \
+	$(VENV)/bin/dagster-webserver -w workspace.yaml -h 127.0.0.1 -p $(or $(PORT),3000)
 
 ## make test: lint + the whole suite (real MariaDB, PostgreSQL, sshd)
 test: install sshd lint

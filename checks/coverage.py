@@ -8,10 +8,12 @@ silently lost.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import Engine, func, select
 
-from worker import schema
+from resources.firestore import count_shard
+from worker import app_rules, django_schema, schema
 from worker.engine import SOURCES
 
 
@@ -42,20 +44,38 @@ def count_clinical_partition(
     """Count E, M and Q for one clinical entity and sistema, each from its own database."""
     source = SOURCES[entity]
     table = schema.TARGETS[entity]
-    q = schema.quarantine
     with legacy.connect() as conn:
         eligible = conn.scalar(
             select(func.count()).select_from(source).where(source.c.sistema == sistema, source.c.eliminado == 0)
         )
     with target.connect() as conn:
         migrated = conn.scalar(select(func.count()).select_from(table).where(table.c.sistema == sistema))
+    return PartitionCounts(entity, sistema, int(eligible or 0), int(migrated or 0), quarantined(state, entity, sistema))
+
+
+def quarantined(state: Engine, entity: str, partition_key: str) -> dict[str, int]:
+    """The current quarantine of one entity and partition, by reason."""
+    q = schema.quarantine
     with state.connect() as conn:
-        by_reason = dict(
+        return dict(
             conn.execute(
                 select(q.c.reason, func.count())
-                .where(q.c.entity == entity, q.c.partition_key == sistema)
+                .where(q.c.entity == entity, q.c.partition_key == partition_key)
                 .group_by(q.c.reason)
                 .order_by(q.c.reason)
             ).all()
         )
-    return PartitionCounts(entity, sistema, int(eligible or 0), int(migrated or 0), by_reason)
+
+
+def count_app_partition(entity: str, shard: str, django: Engine, firestore: Any, state: Engine) -> PartitionCounts:
+    """Count E (Django DB), M (Firestore documents of the shard, a count aggregation) and Q for one
+    app entity and shard."""
+    table = django_schema.SOURCES[entity]
+    with django.connect() as conn:
+        eligible = conn.scalar(
+            select(func.count())
+            .select_from(table)
+            .where(django_schema.shard_filter(table, app_rules.shard_number(shard)))
+        )
+    migrated = count_shard(firestore, entity, shard)
+    return PartitionCounts(entity, shard, int(eligible or 0), int(migrated or 0), quarantined(state, entity, shard))

@@ -1,4 +1,4 @@
-"""``make demo``: legacy data, partitions, a full migration of every sistema, a summary.
+"""``make demo``: legacy data, partitions, a full migration of every sistema and every app shard, a summary.
 
 Reads the same environment as the Dagster definitions (the Makefile sets it for the demo:
 SQLite files and the local worker transport under .demo/).
@@ -10,17 +10,20 @@ import argparse
 import os
 from pathlib import Path
 
-from checks.coverage import PartitionCounts, count_clinical_partition
+from checks.coverage import PartitionCounts, count_app_partition, count_clinical_partition
+from demo.app_data import generate_app
+from demo.firestore_emulator import running_emulator
 from demo.instance import driver_instance, write_local_instance
 from demo.legacy_data import generate
 from migration_assets.clinical.sensors import discover_sistemas
 from migration_assets.launch import USUARIO_TAG
-from migration_assets.partitions import sistemas_partitions
-from resources import worker_from_env
+from migration_assets.partitions import app_shards, sistemas_partitions
+from resources import firestore_from_env, worker_from_env
 from resources.databases import DatabaseResource
 from worker import schema
 
 ENTITIES = ("patients", "encounters")
+APP_ENTITIES = ("users", "files", "filters")
 
 
 def summary_table(rows: list[PartitionCounts]) -> str:
@@ -41,6 +44,7 @@ def summary_table(rows: list[PartitionCounts]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=2000, help="patients per sistema")
+    parser.add_argument("--users", type=int, default=300, help="List Cutter users (all 16 shards)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--usuario", default="demo")
     args = parser.parse_args()
@@ -59,23 +63,44 @@ def main() -> int:
     instance.add_dynamic_partitions(sistemas_partitions.name, sistemas)
     print(f"partitions: {', '.join(sistemas)}" + (f" ({refused} refused)" if refused else ""))
 
-    job = defs.resolve_job_def("clinical_migration_job")
-    failed = []
-    for sistema in sistemas:
-        result = job.execute_in_process(
-            partition_key=sistema,
-            instance=instance,
-            run_config={"ops": {e: {"config": {"usuario": args.usuario}} for e in ENTITIES}},
-            tags={USUARIO_TAG: args.usuario},
-            raise_on_error=False,
-        )
-        print(f"  {sistema}: run {result.run_id} {'succeeded' if result.success else 'FAILED'}")
-        if not result.success:
-            failed.append(sistema)
+    def migrate(job_name: str, keys: list[str], entities: tuple[str, ...]) -> list[str]:
+        """One run of ``job_name`` per partition, one at a time; the keys whose run failed."""
+        job = defs.resolve_job_def(job_name)
+        failed = []
+        for key in keys:
+            result = job.execute_in_process(
+                partition_key=key,
+                instance=instance,
+                run_config={"ops": {e: {"config": {"usuario": args.usuario}} for e in entities}},
+                tags={USUARIO_TAG: args.usuario},
+                raise_on_error=False,
+            )
+            print(f"  {key}: run {result.run_id} {'succeeded' if result.success else 'FAILED'}")
+            if not result.success:
+                failed.append(key)
+        return failed
+
+    failed = migrate("clinical_migration_job", sistemas, ENTITIES)
 
     target = schema.make_engine(os.environ["CLINICAL_DB_URL"])
     state = schema.make_engine(os.environ.get("STATE_DB_URL") or os.environ["CLINICAL_DB_URL"])
     rows = [count_clinical_partition(e, s, legacy, target, state) for e in ENTITIES for s in sistemas]
+
+    django = schema.make_engine(os.environ["DJANGO_DB_URL"])
+    media_root = Path(os.environ["MEDIA_ROOT"])
+    print(f"\ngenerating the List Cutter Django DB and media folder ({args.users} users, seed {args.seed}) …")
+    generate_app(django, media_root, users=args.users, seed=args.seed, outside_dir=media_root.parent / "outside")
+    print("starting Google's Firestore emulator …")
+    with running_emulator() as emulator_host:
+        os.environ["FIRESTORE_EMULATOR_HOST"] = emulator_host  # read by the firestore resource
+        failed += migrate("app_migration_job", app_shards.get_partition_keys(), APP_ENTITIES)
+        client = firestore_from_env().client()
+        rows += [
+            count_app_partition(e, s, django, client, state)
+            for e in APP_ENTITIES
+            for s in app_shards.get_partition_keys()
+        ]
+    print("Firestore emulator stopped (its documents with it; the blobs stay in BLOB_STORE_URL).")
     print()
     print(summary_table(rows))
     lost = sum(r.missing for r in rows)

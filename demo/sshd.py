@@ -80,6 +80,7 @@ def running_sshd(home: Path) -> Iterator[SSHServer]:
         "PrintMotd": "no",
         "MaxStartups": 50,
         "MaxSessions": 50,
+        "Subsystem": "sftp internal-sftp",  # the media host's files are read over SFTP (MEDIA_TRANSPORT=sftp)
     }
     config.write_text("".join(f"{key} {value}\n" for key, value in settings.items()))
     Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory

@@ -2,6 +2,7 @@
 
 from dagster import Definitions
 
+from migration_assets.app import definitions as app
 from migration_assets.clinical import definitions as clinical
 
-defs = Definitions.merge(clinical.defs)
+defs = Definitions.merge(clinical.defs, app.defs)

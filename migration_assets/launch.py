@@ -30,7 +30,7 @@ from dagster import (
 )
 
 from resources.errors import Category, MigrationError
-from worker.params import sistema_problem, usuario_problem
+from worker.params import shard_problem, sistema_problem, usuario_problem
 
 KIND_TAG = "migration/kind"
 USUARIO_TAG = "migration/usuario"
@@ -85,7 +85,10 @@ def migration_tags(run: DagsterRun) -> dict[str, str]:
     partition = run.tags.get(PARTITION_TAG)
     if partition is None:
         raise LaunchRefused("VALIDATION_ERROR: a migration run needs a partition (dagster/partition)")
-    if ops & CLINICAL_ASSETS and (problem := sistema_problem(partition)):
+    if ops & CLINICAL_ASSETS and ops & APP_ASSETS:
+        raise LaunchRefused("VALIDATION_ERROR: clinical and app assets have different partitions: launch them apart")
+    problem = sistema_problem(partition) if ops & CLINICAL_ASSETS else shard_problem(partition)
+    if problem:
         raise LaunchRefused(f"VALIDATION_ERROR: partition key: {problem}")
     return {KIND_TAG: MIGRATION, USUARIO_TAG: usuario}
 

@@ -10,13 +10,16 @@ that need its resource, so each group of assets needs only its own variables.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from dagster import EnvVar, ResourceDefinition
 
+from resources.blobstore import BlobStore
 from resources.databases import DatabaseResource
 from resources.errors import Category, MigrationError
+from resources.firestore import FirestoreResource
+from resources.media import LocalMediaSource, MediaSource, SFTPMediaSource
 from resources.policy import MigrationPolicy
 from resources.ssh import SSHResource
 from resources.worker import WorkerResource
@@ -42,22 +45,61 @@ def _number(name: str, default: str, kind: Callable[[str], Any], lo: float, hi: 
     return value
 
 
+def _transport(name: str) -> str:
+    transport = env(name, "ssh" if name == "WORKER_TRANSPORT" else "sftp")
+    allowed = ("ssh", "local") if name == "WORKER_TRANSPORT" else ("sftp", "local")
+    if transport not in allowed:
+        raise MigrationError(Category.VALIDATION_ERROR, f"{name} must be {' or '.join(allowed)}")
+    return transport
+
+
+def ssh_from_env(needed: str) -> SSHResource:
+    """The legacy/media host from ``SSH_*`` (``needed``: why, for the message naming a missing one)."""
+    return SSHResource(
+        host=env("SSH_HOST", needed_for=needed),
+        port=_number("SSH_PORT", "22", int, 1, 65535),
+        username=env("SSH_USER", needed_for=needed),
+        key_file=env("SSH_KEY_FILE", needed_for=needed),
+        known_hosts_file=env("SSH_KNOWN_HOSTS", needed_for=needed),
+    )
+
+
 def worker_from_env() -> WorkerResource:
     """``WORKER_TRANSPORT=local`` (demo) needs no SSH settings; ``ssh`` (default) needs all of them."""
-    transport = env("WORKER_TRANSPORT", "ssh")
-    if transport not in ("ssh", "local"):
-        raise MigrationError(Category.VALIDATION_ERROR, "WORKER_TRANSPORT must be ssh or local")
-    ssh = None
-    if transport == "ssh":
-        needed = "needed when WORKER_TRANSPORT=ssh"
-        ssh = SSHResource(
-            host=env("SSH_HOST", needed_for=needed),
-            port=_number("SSH_PORT", "22", int, 1, 65535),
-            username=env("SSH_USER", needed_for=needed),
-            key_file=env("SSH_KEY_FILE", needed_for=needed),
-            known_hosts_file=env("SSH_KNOWN_HOSTS", needed_for=needed),
-        )
+    transport = _transport("WORKER_TRANSPORT")
+    ssh = ssh_from_env("needed when WORKER_TRANSPORT=ssh") if transport == "ssh" else None
     return WorkerResource(transport=transport, command=env("WORKER_COMMAND", "clinic-migrate"), ssh=ssh)
+
+
+def firestore_from_env() -> FirestoreResource:
+    """``FIRESTORE_PROJECT``; ``FIRESTORE_EMULATOR_HOST`` when the target is Google's emulator."""
+    return FirestoreResource(
+        project=env("FIRESTORE_PROJECT", needed_for="the app group's target"),
+        emulator_host=EnvVar("FIRESTORE_EMULATOR_HOST").get_value() or None,
+    )
+
+
+def media_from_env() -> Iterator[MediaSource]:
+    """``MEDIA_ROOT`` over SFTP through the SSH settings (``MEDIA_TRANSPORT=sftp``, the default) or a
+    local folder (``local``); closed when the step ends."""
+    root = env("MEDIA_ROOT", needed_for="the files' contents")
+    if _transport("MEDIA_TRANSPORT") == "local":
+        source: MediaSource = LocalMediaSource(root)
+    else:
+        source = SFTPMediaSource(ssh_from_env("needed when MEDIA_TRANSPORT=sftp"), root)
+    try:
+        yield source
+    finally:
+        source.close()
+
+
+def _media_for_a_step(_context: Any) -> Iterator[MediaSource]:
+    yield from media_from_env()  # a generator function: Dagster closes the source when the step ends
+
+
+def blob_store_from_env() -> BlobStore:
+    """``BLOB_STORE_URL``: a local folder, or an fsspec URL (``s3://``, ``gs://`` with their extras)."""
+    return BlobStore(env("BLOB_STORE_URL", needed_for="the files' contents"))
 
 
 def database_from_env(name: str, fallback: str | None = None) -> DatabaseResource:
@@ -78,15 +120,37 @@ def env_only(factory: Callable[[], Any], description: str) -> ResourceDefinition
     return ResourceDefinition(resource_fn=lambda _context: factory(), config_schema={}, description=description)
 
 
+# Shared by both groups: Definitions.merge wants the very same definition under one key.
+STATE_DB = env_only(
+    lambda: database_from_env("STATE_DB_URL", fallback="CLINICAL_DB_URL"),
+    "the control DB (migration.*): STATE_DB_URL, else CLINICAL_DB_URL",
+)
+POLICY = env_only(policy_from_env, "limits of a run: MAX_DELETE_SHARE, MIN_COVERAGE")
+
+
+def app_resources() -> dict[str, ResourceDefinition]:
+    """The app group's resources: the Django DB, Firestore, the media host, the blob store. A step
+    needs only those of its own asset (users and filters never touch MEDIA_* or BLOB_STORE_URL)."""
+    return {
+        "django_db": env_only(lambda: database_from_env("DJANGO_DB_URL"), "the List Cutter DB: DJANGO_DB_URL"),
+        "firestore": env_only(firestore_from_env, "the target: FIRESTORE_PROJECT, FIRESTORE_EMULATOR_HOST"),
+        "media": ResourceDefinition(
+            resource_fn=_media_for_a_step,
+            config_schema={},
+            description="the uploaded files: MEDIA_ROOT, MEDIA_TRANSPORT (sftp through SSH_*, or local)",
+        ),
+        "blob_store": env_only(blob_store_from_env, "where file contents go: BLOB_STORE_URL"),
+        "state_db": STATE_DB,
+        "policy": POLICY,
+    }
+
+
 def clinical_resources() -> dict[str, ResourceDefinition]:
     """The clinical group's resources: the worker host and the three databases."""
     return {
         "worker": env_only(worker_from_env, "the migration worker: WORKER_TRANSPORT, WORKER_COMMAND, SSH_*"),
         "legacy_db": env_only(lambda: database_from_env("LEGACY_DB_URL"), "the legacy clinical DB: LEGACY_DB_URL"),
         "clinical_db": env_only(lambda: database_from_env("CLINICAL_DB_URL"), "the clinical target: CLINICAL_DB_URL"),
-        "state_db": env_only(
-            lambda: database_from_env("STATE_DB_URL", fallback="CLINICAL_DB_URL"),
-            "the control DB (migration.*): STATE_DB_URL, else CLINICAL_DB_URL",
-        ),
-        "policy": env_only(policy_from_env, "limits of a run: MAX_DELETE_SHARE, MIN_COVERAGE"),
+        "state_db": STATE_DB,
+        "policy": POLICY,
     }

@@ -30,9 +30,7 @@ RETRYABLE = frozenset({Category.CONNECTION_ERROR, Category.TIMEOUT_ERROR})
 class MigrationError(Exception):
     """A failure with its category; the message is redacted when it is made."""
 
-    def __init__(
-        self, category: Category, message: str, *, retryable: bool | None = None, ours: bool = False
-    ) -> None:
+    def __init__(self, category: Category, message: str, *, retryable: bool | None = None, ours: bool = False) -> None:
         """``ours``: the message is the project's own text (no value of any source or driver in it), so
         it is kept as written — redaction would mask the quoted commands it shows a person."""
         self.category = category

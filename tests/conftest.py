@@ -60,3 +60,29 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
         unavailable("OpenSSH sshd (apt-get install openssh-server)")
     with running_sshd(tmp_path_factory.mktemp("sshd")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def firestore_emulator() -> Iterator[str]:
+    """Google's Cloud Firestore emulator on a loopback port, for the whole session: its host."""
+    from demo.firestore_emulator import emulator_available, running_emulator
+
+    if not emulator_available():
+        unavailable("Google's Cloud Firestore emulator (apt-get install google-cloud-cli-firestore-emulator)")
+    with running_emulator() as host:
+        yield host
+
+
+@pytest.fixture
+def firestore_project(firestore_emulator: str) -> Iterator[str]:
+    """A fresh project id on the emulator, so each test sees an empty database; cleared afterwards.
+
+    The emulator host goes to ``FirestoreResource(emulator_host=...)``, never to the process env.
+    """
+    import uuid
+
+    from demo.firestore_emulator import clear_documents
+
+    project = f"test-{uuid.uuid4().hex[:8]}"
+    yield project
+    clear_documents(firestore_emulator, project)

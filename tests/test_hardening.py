@@ -23,6 +23,10 @@ from .test_clinical import Clinical, metadata
 
 pytestmark = pytest.mark.integration
 
+# Advisory locks of this test's own database: other databases on the same server (another test, a
+# benchmark) may hold advisory locks of their own at the same time.
+THIS_DATABASE = "locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+
 
 def worker_argv(entity: str, run_id: str, batch_size: int = 20, *extra: str) -> list[str]:
     return [WORKER_COMMAND, "migrate", "--entity", entity, "--sistema", "HSJ", "--usuario", "ana",
@@ -69,7 +73,7 @@ def test_a_second_worker_never_interleaves_when_the_lock_holders_session_dies(
     wait_for(lambda: (scalar(target, "SELECT last_legacy_id FROM migration.checkpoints") or 0) > 500, what="progress")
     waiter = start_worker(worker_argv("patients", "waiter"), mariadb_url, postgres_url)
     wait_for(
-        lambda: scalar(target, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted") == 1,
+        lambda: scalar(target, f"SELECT count(*) FROM pg_locks WHERE {THIS_DATABASE} AND NOT granted") == 1,
         what="the second worker to wait for the lock",
     )
     time.sleep(0.5)
@@ -82,7 +86,7 @@ def test_a_second_worker_never_interleaves_when_the_lock_holders_session_dies(
         killed = conn.execute(
             text(
                 "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a WHERE a.pid IN "
-                "(SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted) AND a.pid <> pg_backend_pid()"
+                f"(SELECT pid FROM pg_locks WHERE {THIS_DATABASE} AND granted) AND a.pid <> pg_backend_pid()"
             )
         ).all()
     assert len(killed) == 1

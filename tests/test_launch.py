@@ -150,3 +150,16 @@ def test_a_worker_that_exits_0_without_its_report_fails_and_records_nothing(kind
     assert result.asset_materializations_for_node("patients") == []
     assert instance.get_latest_materialization_event(AssetKey("patients")) is None
     assert instance.get_materialized_partitions(AssetKey("patients")) == set()
+
+
+@pytest.mark.parametrize("key", ["shard-16", "shard-3", "shard-03\n", "HSJ", ""])
+def test_an_app_run_on_a_key_that_is_not_a_shard_is_refused(key: str) -> None:
+    with pytest.raises(LaunchRefused, match="shard-00"):
+        migration_tags(run(assets=("users",), tags={"dagster/partition": key}))
+
+
+def test_an_app_run_on_a_shard_is_tagged_and_one_mixing_both_groups_is_refused() -> None:
+    app_run = run(assets=("users", "files"), tags={"dagster/partition": "shard-07"})
+    assert migration_tags(app_run) == {"migration/kind": "migration", "migration/usuario": "ana"}
+    with pytest.raises(LaunchRefused, match="different partitions"):
+        migration_tags(run(assets=("users", "patients"), tags={"dagster/partition": "HSJ"}))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import signal
 import sys
 from collections.abc import Sequence
@@ -21,15 +20,15 @@ from typing import Any
 
 from dagster_pipes import PipesContext, PipesMappingParamsLoader, open_dagster_pipes
 from sqlalchemy import select
-from sqlalchemy.exc import InterfaceError, OperationalError
 
 from worker import schema
-from worker.engine import Counts, MassDeleteRefused, Migration, Result
-from worker.locks import LockLost
+from worker.engine import Counts, Migration
+from worker.failures import CONNECTION_ERROR, SCRIPT_ERROR, VALIDATION_ERROR, category_of, failure_line
 from worker.params import DEFAULT_MAX_DELETE_SHARE, ENTITIES, MODES, InvalidParameters, RunParameters, validate
 from worker.redact import redact
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_PARAMETERS, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_CODES = {SCRIPT_ERROR: EXIT_FAILED, VALIDATION_ERROR: EXIT_BAD_PARAMETERS, CONNECTION_ERROR: EXIT_UNREACHABLE}
 
 
 class Reporter:
@@ -76,31 +75,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _metadata(result: Result, params: RunParameters) -> dict[str, Any]:
-    counts = result.counts
-    quarantined = dict(sorted(counts.quarantined.items()))
-    return {
-        "entity": params.entity,
-        "sistema": params.sistema,
-        "mode": result.mode,
-        "dry_run": params.dry_run,
-        "rows_read": counts.read,
-        "inserted": counts.inserted,
-        "updated": counts.updated,
-        "unchanged": counts.unchanged,
-        "deleted": counts.deleted,
-        "rehashed": counts.rehashed,
-        "migrated": counts.migrated,
-        "quarantined": sum(quarantined.values()),
-        "quarantined_by_reason": {"raw_value": quarantined, "type": "json"},
-        **{f"quarantined_{reason}": count for reason, count in quarantined.items()},
-        "resumed_from_run": result.resumed_from or "",
-        "duration_s": round(result.seconds, 3),
-        "rows_per_s": round(result.read_this_run / result.seconds, 1) if result.seconds > 0 else 0.0,
-        "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    }
-
-
 def _migrate(args: argparse.Namespace, secrets: dict[str, Any], reporter: Reporter) -> int:
     params = validate(
         RunParameters(
@@ -130,7 +104,7 @@ def _migrate(args: argparse.Namespace, secrets: dict[str, Any], reporter: Report
         progress=reporter.progress,
     )
     result = migration.run()
-    reporter.materialization(_metadata(result, params))
+    reporter.materialization(result.metadata(params.entity, {"sistema": params.sistema}, params.dry_run))
     return EXIT_OK
 
 
@@ -150,12 +124,8 @@ def _sistemas(secrets: dict[str, Any]) -> int:
 
 
 def _report(category: str, problem: BaseException | str) -> None:
-    """One short, redacted line on stderr: the category the Dagster side reads, then what happened.
-    Driver errors span lines (SQL, parameters, a link): only their first line is the message."""
-    text = problem if isinstance(problem, str) else str(getattr(problem, "orig", None) or problem)
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    kind = "" if isinstance(problem, str) or category != "SCRIPT_ERROR" else f"{type(problem).__name__}: "
-    print(f"{category}: {kind}{redact(first)[:500]}", file=sys.stderr, flush=True)
+    """One short, redacted line on stderr: the category the Dagster side reads, then what happened."""
+    print(failure_line(category, problem), file=sys.stderr, flush=True)
 
 
 def _terminate(signum: int, _frame: object) -> None:
@@ -183,21 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "sistemas":
                 return _sistemas(secrets)
             return _migrate(args, secrets, reporter)
-        except (InvalidParameters, MassDeleteRefused) as problem:
-            _report("VALIDATION_ERROR", problem)
-            return EXIT_BAD_PARAMETERS
-        except LockLost as problem:
-            _report("CONNECTION_ERROR", problem)
-            return EXIT_UNREACHABLE
-        except (OperationalError, InterfaceError) as problem:
-            if problem.connection_invalidated or "connect" in str(problem.orig).lower():
-                _report("CONNECTION_ERROR", problem)
-                return EXIT_UNREACHABLE
-            _report("SCRIPT_ERROR", problem)
-            return EXIT_FAILED
         except Exception as problem:
-            _report("SCRIPT_ERROR", problem)
-            return EXIT_FAILED
+            category = category_of(problem)
+            _report(category, problem)
+            return EXIT_CODES[category]
     return EXIT_OK
 
 

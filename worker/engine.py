@@ -13,6 +13,7 @@ rows whose source is gone, soft-deleted or now quarantined are deleted as the ru
 
 from __future__ import annotations
 
+import resource
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -22,12 +23,12 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 import polars as pl
-from sqlalchemy import Connection, Engine, RowMapping, Table, and_, delete, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection, Engine, Table, and_, delete, func, or_, select
 from sqlalchemy.exc import DBAPIError
 
 from worker import batch, locks, rules, schema, store
 from worker.params import RunParameters
+from worker.runbook import RunBook
 from worker.source import COLUMNS, LegacyReader
 
 KEY = ("sistema", "legacy_id")
@@ -103,6 +104,32 @@ class Result:
     seconds: float
     read_this_run: int  # rows read by this run alone (a resumed run's counts include its predecessor's)
 
+    def metadata(self, entity: str, partition: Mapping[str, str], dry_run: bool) -> dict[str, Any]:
+        """The run's materialization metadata, the same keys for every entity (``partition``: e.g.
+        ``{"sistema": "HSJ"}`` or ``{"shard": "shard-03"}``)."""
+        counts = self.counts
+        quarantined = dict(sorted(counts.quarantined.items()))
+        return {
+            "entity": entity,
+            **partition,
+            "mode": self.mode,
+            "dry_run": dry_run,
+            "rows_read": counts.read,
+            "inserted": counts.inserted,
+            "updated": counts.updated,
+            "unchanged": counts.unchanged,
+            "deleted": counts.deleted,
+            "rehashed": counts.rehashed,
+            "migrated": counts.migrated,
+            "quarantined": sum(quarantined.values()),
+            "quarantined_by_reason": {"raw_value": quarantined, "type": "json"},
+            **{f"quarantined_{reason}": count for reason, count in quarantined.items()},
+            "resumed_from_run": self.resumed_from or "",
+            "duration_s": round(self.seconds, 3),
+            "rows_per_s": round(self.read_this_run / self.seconds, 1) if self.seconds > 0 else 0.0,
+            "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        }
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -147,6 +174,17 @@ class Migration:
         self.source = SOURCES[params.entity]
         self.table = schema.TARGETS[params.entity]
         self.delete_budget: int | None = None  # deletions this full run may make; None: unlimited
+        self.book = RunBook(
+            entity=params.entity,
+            partition_key=params.sistema,
+            run_id=params.run_id,
+            usuario=params.usuario,
+            mode=params.mode,
+            dry_run=params.dry_run,
+            parameters={"mode": params.mode, "pract_source": params.pract_source, "pract_target": params.pract_target},
+            extra={"allow_mass_delete": params.allow_mass_delete},
+            log=log,
+        )
 
     # --- the run -------------------------------------------------------------------------
 
@@ -163,9 +201,9 @@ class Migration:
             for conn in dict.fromkeys((state, target)):
                 stack.enter_context(locks.exclusive(conn, p.entity, p.sistema, self.lock_wait_seconds))
             source = stack.enter_context(self.legacy.connect())
-            self._close_interrupted_runs(state)
-            checkpoint = None if p.dry_run else self._resumable_checkpoint(state)
-            since = self._last_watermark(state) if p.mode == "incremental" else None
+            self.book.close_interrupted_runs(state)
+            checkpoint = None if p.dry_run else self.book.resumable_checkpoint(state)
+            since = self.book.last_watermark(state) if p.mode == "incremental" else None
             mode = "incremental" if since is not None else "full"
             if p.mode == "incremental" and since is None:
                 self.log("no earlier successful run: this incremental run sweeps the whole sistema")
@@ -176,7 +214,7 @@ class Migration:
             if resumed_from:
                 self.log(f"resuming after legacy id {after}, checkpointed by run {resumed_from}")
             read_before = counts.read
-            self._record_run_start(state, mode, resumed_from)
+            self.book.record_start(state, mode, resumed_from)
             try:
                 if mode == "full":
                     self._guard_mass_delete(source, target, after)
@@ -185,9 +223,9 @@ class Migration:
                     target.rollback()
                     state.rollback()
             except BaseException:
-                self._record_run_end(state, "failed", counts, None)
+                self.book.record_end(state, "failed", counts.as_dict(), None, self.state.begin)
                 raise
-            self._record_run_end(state, "succeeded", counts, watermark)
+            self.book.record_end(state, "succeeded", counts.as_dict(), watermark, self.state.begin)
         return Result(counts, mode, resumed_from, watermark, time.monotonic() - started, counts.read - read_before)
 
     def _guard_mass_delete(self, source: Connection, target: Connection, after: int) -> None:
@@ -258,7 +296,7 @@ class Migration:
             self._apply_batch(target, state, rows, mode, lo, hi, counts)
             self._refuse_mass_delete(counts.deleted - deleted_before)
             lo = hi
-            self._checkpoint(state, hi, counts, watermark, "running")
+            self.book.checkpoint(state, hi, counts.as_dict(), watermark, "running")
             self._commit(target, state)
             if counts.read - read_before >= next_analyze:  # at 10k, 20k, 40k … rows: O(log n) times
                 self._analyze(target, state)
@@ -270,7 +308,7 @@ class Migration:
             nothing = pl.DataFrame(schema=COLUMNS[self.params.entity].schema())
             self._apply_batch(target, state, nothing, mode, lo, HIGHEST, counts)
             self._refuse_mass_delete(counts.deleted - deleted_before)
-        self._checkpoint(state, lo, counts, watermark, "done")
+        self.book.checkpoint(state, lo, counts.as_dict(), watermark, "done")
         self._commit(target, state)
         self._analyze(target, state)  # the next entity looks this one up
         self.progress(counts)
@@ -530,118 +568,3 @@ class Migration:
             pl.when(lost).then(pl.lit(DUPLICATE_DETAIL)).otherwise(pl.col(batch.DETAIL)).alias(batch.DETAIL),
             pl.when(lost).then(None).otherwise(pl.col(batch.HASH)).alias(batch.HASH),
         )
-
-    # --- control tables (read and written only while the lock is held) ---------------------
-
-    def _parameters(self) -> dict[str, Any]:
-        p = self.params
-        return {"mode": p.mode, "pract_source": p.pract_source, "pract_target": p.pract_target}
-
-    def _resumable_checkpoint(self, conn: Connection) -> RowMapping | None:
-        c = schema.checkpoints
-        row = (
-            conn.execute(select(c).where(c.c.entity == self.params.entity, c.c.partition_key == self.params.sistema))
-            .mappings()
-            .first()
-        )
-        conn.rollback()
-        if row is None or row["status"] != "running":
-            return None
-        if row["parameters"] != self._parameters():
-            self.log(f"checkpoint of run {row['run_id']} had other parameters: starting over")
-            return None
-        return row
-
-    def _close_interrupted_runs(self, conn: Connection) -> None:
-        """Runs of this entity and sistema still marked running were killed: say so. Only ever
-        called while this run holds the lock, so the run it marks cannot be alive."""
-        r = schema.runs
-        conn.execute(
-            update(r)
-            .where(r.c.entity == self.params.entity, r.c.partition_key == self.params.sistema,
-                   r.c.status == "running", r.c.run_id != self.params.run_id)
-            .values(status="interrupted")
-        )  # fmt: skip
-        conn.commit()
-
-    def _last_watermark(self, conn: Connection) -> datetime | None:
-        r = schema.runs
-        latest = conn.scalar(
-            select(func.max(r.c.watermark)).where(
-                r.c.entity == self.params.entity,
-                r.c.partition_key == self.params.sistema,
-                r.c.status == "succeeded",
-                r.c.dry_run.is_(False),
-            )
-        )
-        conn.rollback()
-        return rules.coerce_datetime(latest)
-
-    def _checkpoint(
-        self, state: Connection, last: int, counts: Counts, watermark: datetime | None, status: str
-    ) -> None:
-        if self.params.dry_run:
-            return
-        values = {
-            "entity": self.params.entity,
-            "partition_key": self.params.sistema,
-            "run_id": self.params.run_id,
-            "mode": self.params.mode,
-            "parameters": self._parameters(),
-            "last_legacy_id": last,
-            "counts": counts.as_dict(),
-            "watermark": watermark,
-            "status": status,
-            "updated_at": utcnow(),
-        }
-        dialect = postgresql if state.dialect.name == "postgresql" else sqlite
-        stmt = dialect.insert(schema.checkpoints).values(values)
-        state.execute(
-            stmt.on_conflict_do_update(
-                index_elements=["entity", "partition_key"],
-                set_={k: v for k, v in values.items() if k not in ("entity", "partition_key")},
-            )
-        )
-
-    def _record_run_start(self, conn: Connection, mode: str, resumed_from: str | None) -> None:
-        p = self.params
-        values = {
-            "usuario": p.usuario,
-            "parameters": {
-                **self._parameters(),
-                "dry_run": p.dry_run,
-                "effective_mode": mode,
-                "allow_mass_delete": p.allow_mass_delete,
-            },
-            "mode": mode,
-            "dry_run": p.dry_run,
-            "status": "running",
-            "resumed_from": resumed_from,
-            "started_at": utcnow(),
-            "finished_at": None,
-            "counts": None,
-            "watermark": None,
-        }
-        r = schema.runs
-        key = and_(r.c.run_id == p.run_id, r.c.entity == p.entity, r.c.partition_key == p.sistema)
-        if conn.execute(update(r).where(key).values(values)).rowcount == 0:  # a retried step re-uses its run id
-            conn.execute(r.insert().values(run_id=p.run_id, entity=p.entity, partition_key=p.sistema, **values))
-        conn.commit()
-
-    def _record_run_end(self, conn: Connection, status: str, counts: Counts, watermark: datetime | None) -> None:
-        """On the run's own connection; if that session is gone (a lost lock, a dropped server), on a
-        new one: the run's own row is all it touches."""
-        p = self.params
-        r = schema.runs
-        stmt = (
-            update(r)
-            .where(r.c.run_id == p.run_id, r.c.entity == p.entity, r.c.partition_key == p.sistema)
-            .values(status=status, counts=counts.as_dict(), watermark=watermark, finished_at=utcnow())
-        )
-        try:
-            conn.rollback()
-            conn.execute(stmt)
-            conn.commit()
-        except DBAPIError:
-            with self.state.begin() as fresh:
-                fresh.execute(stmt)

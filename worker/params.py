@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+from worker import app_rules
 from worker.rules import PractitionerMapping
 
 # Matched whole, with re.fullmatch: a pattern ending in ``$`` also matches before a final newline,
@@ -35,6 +36,15 @@ def matches(pattern: re.Pattern[str], value: object) -> bool:
 def sistema_problem(value: object) -> str | None:
     """Why ``value`` is not a usable sistema (clinical partition key), or None if it is."""
     return None if matches(SISTEMA_PATTERN, value) else f"sistema must match ^{SISTEMA_PATTERN.pattern}$"
+
+
+def shard_problem(value: object) -> str | None:
+    """Why ``value`` is not an app shard key (``shard-00`` … ``shard-15``, whole), or None if it is."""
+    try:
+        app_rules.shard_number(value)  # type: ignore[arg-type]
+    except ValueError as problem:
+        return str(problem)
+    return None
 
 
 def usuario_problem(value: object) -> str | None:
@@ -83,22 +93,14 @@ class RunParameters:
         return argv
 
 
-def validate(params: RunParameters) -> RunParameters:
-    """Return ``params`` unchanged if every §8 rule holds, else raise with all the problems."""
-    problems: list[str] = []
-    if params.entity not in ENTITIES:
-        problems.append(f"entity must be one of {', '.join(ENTITIES)}")
-    problems += [p for p in (sistema_problem(params.sistema), usuario_problem(params.usuario)) if p]
+def common_problems(params: Any) -> list[str]:
+    """The §8 problems of what every run has — usuario, run id, mode, batch size, the mass-delete
+    settings — whatever it migrates (the clinical worker's and the app's parameters alike)."""
+    problems = [p for p in (usuario_problem(params.usuario),) if p]
     if not matches(RUN_ID_PATTERN, params.run_id):
         problems.append(f"run_id must match ^{RUN_ID_PATTERN.pattern}$")
     if params.mode not in MODES:
         problems.append(f"mode must be one of {', '.join(MODES)}")
-    if (params.pract_source is None) != (params.pract_target is None):
-        problems.append("pract_source and pract_target go together: give both or neither")
-    for name in ("pract_source", "pract_target"):
-        value = getattr(params, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= INT64_MAX):
-            problems.append(f"{name} must be a positive 64-bit integer")
     if (
         isinstance(params.batch_size, bool)
         or not isinstance(params.batch_size, int)
@@ -110,6 +112,22 @@ def validate(params: RunParameters) -> RunParameters:
     share = params.max_delete_share
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
         problems.append("max_delete_share must be a number from 0 to 1")
+    return problems
+
+
+def validate(params: RunParameters) -> RunParameters:
+    """Return ``params`` unchanged if every §8 rule holds, else raise with all the problems."""
+    problems: list[str] = []
+    if params.entity not in ENTITIES:
+        problems.append(f"entity must be one of {', '.join(ENTITIES)}")
+    problems += [p for p in (sistema_problem(params.sistema),) if p]
+    problems += common_problems(params)
+    if (params.pract_source is None) != (params.pract_target is None):
+        problems.append("pract_source and pract_target go together: give both or neither")
+    for name in ("pract_source", "pract_target"):
+        value = getattr(params, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= INT64_MAX):
+            problems.append(f"{name} must be a positive 64-bit integer")
     if problems:
         raise InvalidParameters("; ".join(problems))
     return params

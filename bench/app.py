@@ -1,0 +1,338 @@
+"""Benchmark: the app path (users, files, filters) against a plain WriteBatch loop, and SFTP blob copies.
+
+    python -m bench.app --users 2000
+
+In one run, on a throw-away PostgreSQL Django DB (``demo.app_data``), Google's Firestore emulator and a
+loopback sshd, all started here and removed afterwards:
+
+1. every app entity migrated over all 16 shards with ``AppMigration`` (a local blob store folder and
+   ``LocalMediaSource`` for files): documents written / seconds, summed over the shards; beside it the
+   same documents, read back from the emulator, committed with plain ``client.batch()`` commits of 500
+   into a fresh collection of the same emulator (the "raw loop"), and the ratio;
+2. MB/s of ``copy_blob(SFTPMediaSource, ...)`` into a local ``BlobStore`` beside a plain paramiko
+   ``SFTPClient.get`` of the same files (N × 10 MB + one 200 MB), interleaved file by file;
+3. the peak RSS growth of this process while ``copy_blob`` copies the 200 MB file over SFTP (and, for
+   reference, while ``SFTPClient.get`` does).
+
+``--profile`` then migrates shard-00 of each entity again into a fresh project under cProfile and prints
+where the time goes. Not a test: it asserts only that the documents arrived.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import io
+import os
+import pstats
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import paramiko
+import psutil
+from sqlalchemy import Engine
+
+from demo.app_data import generate_app
+from demo.databases import POSTGRES_ADMIN, throwaway_database
+from demo.firestore_emulator import running_emulator
+from demo.sshd import running_sshd
+from migration_assets.app.migrate import ENTITIES, AppMigration, AppRunParameters
+from resources.blobstore import BlobStore, copy_blob
+from resources.firestore import FirestoreResource, Write
+from resources.media import LocalMediaSource, SFTPMediaSource
+from resources.ssh import SSHResource
+from worker import app_rules, schema
+
+MB = 1024 * 1024
+RAW_BATCH = 500
+TARGET_APP = 0.8
+TARGET_SFTP = 0.7
+
+
+# --- 1. the app assets against a raw WriteBatch loop -------------------------------------------------
+
+
+def migrate(
+    entity: str,
+    shard: str,
+    run_id: str,
+    django: Engine,
+    resource: FirestoreResource,
+    media_root: Path,
+    blobs: BlobStore,
+) -> tuple[int, int, float]:
+    """One ``AppMigration`` run: (rows read, documents written, seconds)."""
+    params = AppRunParameters(entity=entity, shard=shard, usuario="bench", run_id=run_id)
+    files = entity == "files"
+    migration = AppMigration(
+        params,
+        django,
+        django,  # the control tables beside the Django tables (their own schema), as the tests do
+        resource.writer(),
+        media=LocalMediaSource(str(media_root)) if files else None,
+        blobs=blobs if files else None,
+    )
+    started = time.perf_counter()
+    result = migration.run()
+    elapsed = time.perf_counter() - started
+    counts = result.counts
+    return counts.read, counts.inserted + counts.updated + counts.deleted, elapsed
+
+
+def read_back(client: Any, entity: str) -> list[tuple[str, dict[str, Any]]]:
+    return [(snapshot.id, snapshot.to_dict() or {}) for snapshot in client.collection(entity).stream()]
+
+
+def raw_loop(client: Any, collection: str, documents: list[tuple[str, dict[str, Any]]]) -> float:
+    """Plain ``client.batch()`` commits of 500 documents; seconds."""
+    started = time.perf_counter()
+    for start in range(0, len(documents), RAW_BATCH):
+        batch = client.batch()
+        for document_id, data in documents[start : start + RAW_BATCH]:
+            batch.set(client.collection(collection).document(document_id), data)
+        batch.commit()
+    return time.perf_counter() - started
+
+
+def count(client: Any, collection: str) -> int:
+    return int(client.collection(collection).count().get()[0][0].value)
+
+
+def bench_assets(
+    django: Engine, host: str, media_root: Path, blob_root: Path
+) -> list[tuple[str, int, int, float, float]]:
+    """Per entity: (entity, rows read, documents written, AppMigration seconds, raw-loop seconds)."""
+    resource = FirestoreResource(project=f"bench-app-{uuid.uuid4().hex[:8]}", emulator_host=host)
+    client = resource.client()
+    # warm the emulator's JVM and the channel so neither side pays for it
+    resource.writer().commit([Write(f"warmup/{n}", {"n": n, "pad": "x" * 200}) for n in range(RAW_BATCH)])
+    raw_loop(client, "warmup_raw", [(str(n), {"n": n, "pad": "x" * 200}) for n in range(RAW_BATCH)])
+    blobs = BlobStore(str(blob_root))
+    rows: list[tuple[str, int, int, float, float]] = []
+    for entity in ENTITIES:  # users, then files (need users), then filters (need files)
+        read = written = 0
+        seconds = 0.0
+        for number in range(app_rules.SHARDS):
+            shard = app_rules.shard_key(number)
+            r, w, s = migrate(entity, shard, f"bench-{entity}-{number}", django, resource, media_root, blobs)
+            read, written, seconds = read + r, written + w, seconds + s
+        documents = read_back(client, entity)
+        assert len(documents) == written, (entity, len(documents), written)
+        raw_seconds = raw_loop(client, f"raw_{entity}", documents)
+        assert count(client, f"raw_{entity}") == written, entity
+        print(
+            f"  {entity}: {read} rows, {written} documents; AppMigration {seconds:.2f} s, raw loop {raw_seconds:.2f} s",
+            flush=True,
+        )
+        rows.append((entity, read, written, seconds, raw_seconds))
+    return rows
+
+
+def profile_shard(django: Engine, host: str, media_root: Path, blob_root: Path, top: int) -> None:
+    """shard-00 of each entity again, into a fresh project (so every document is written again), under cProfile."""
+    resource = FirestoreResource(project=f"bench-prof-{uuid.uuid4().hex[:8]}", emulator_host=host)
+    blobs = BlobStore(str(blob_root))
+    for entity in ENTITIES:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        read, written, seconds = migrate(entity, "shard-00", f"prof-{entity}", django, resource, media_root, blobs)
+        profiler.disable()
+        out = io.StringIO()
+        stats = pstats.Stats(profiler, stream=out).strip_dirs()
+        stats.sort_stats("tottime").print_stats(top)
+        stats.sort_stats("cumulative").print_stats(top)
+        print(f"\n### cProfile: {entity} shard-00, {read} rows, {written} documents, {seconds:.2f} s\n", flush=True)
+        print(out.getvalue(), flush=True)
+
+
+# --- 2. and 3. blobs over SFTP --------------------------------------------------------------------
+
+
+def make_files(root: Path, small: int, small_mb: int, large_mb: int) -> list[str]:
+    """Random content (incompressible), written in 1 MiB chunks; relative paths, the large one last."""
+    root.mkdir(parents=True)
+    names = [f"small-{n:02d}.bin" for n in range(small)] + ["large.bin"]
+    sizes = [small_mb] * small + [large_mb]
+    for name, size in zip(names, sizes, strict=True):
+        with (root / name).open("wb") as out:
+            for _ in range(size):
+                out.write(os.urandom(MB))
+    return names
+
+
+@contextmanager
+def peak_rss(interval: float = 0.002) -> Iterator[dict[str, int]]:
+    """Sample this process's RSS on a thread; ``result['growth']`` is the peak minus the RSS at entry."""
+    gc.collect()
+    process = psutil.Process()
+    result = {"base": process.memory_info().rss, "peak": 0, "growth": 0}
+    result["peak"] = result["base"]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            result["peak"] = max(result["peak"], process.memory_info().rss)
+            time.sleep(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        sampler.join()
+        result["peak"] = max(result["peak"], process.memory_info().rss)
+        result["growth"] = result["peak"] - result["base"]
+
+
+def timed(action: Callable[[], Any]) -> float:
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
+
+
+def plain_sftp(server: Any) -> tuple[paramiko.SSHClient, paramiko.SFTPClient]:
+    kw = server.resource_kwargs()
+    client = paramiko.SSHClient()
+    client.load_host_keys(kw["known_hosts_file"])
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    client.connect(
+        kw["host"],
+        port=kw["port"],
+        username=kw["username"],
+        key_filename=kw["key_file"],
+        look_for_keys=False,
+        allow_agent=False,
+    )
+    return client, client.open_sftp()
+
+
+def bench_sftp(server: Any, media: Path, names: list[str], work: Path) -> dict[str, Any]:
+    """Seconds and bytes of each method over all files, and the RSS growth of each on the large file."""
+    store_root, plain_root = work / "sftp-blobs", work / "sftp-plain"
+    plain_root.mkdir()
+    store = BlobStore(str(store_root))
+    totals = {"copy_blob": 0.0, "get": 0.0}
+    rss: dict[str, int] = {}
+    size = 0
+    client, sftp = plain_sftp(server)
+    try:
+        with SFTPMediaSource(SSHResource(**server.resource_kwargs()), str(media)) as source:
+            # warm both connections (and the page cache of the first file) outside the timing
+            copy_blob(source, names[0], store, "warmup", expected_sha256=None)
+            sftp.get(str(media / names[0]), str(plain_root / "warmup"))
+            store.delete("warmup")
+            (plain_root / "warmup").unlink()
+            for number, name in enumerate(names):
+                key, local = f"bench/{name}", plain_root / name
+                large = name == names[-1]
+
+                def ours(key: str = key, name: str = name) -> None:
+                    copy_blob(source, name, store, key, expected_sha256=None)
+
+                def plain(local: Path = local, name: str = name) -> None:
+                    sftp.get(str(media / name), str(local))
+
+                # alternate which goes first, so neither always meets the warmer cache
+                order = [("copy_blob", ours), ("get", plain)]
+                for label, action in order if number % 2 == 0 else reversed(order):
+                    if large:
+                        with peak_rss() as memory:
+                            totals[label] += timed(action)
+                        rss[label] = memory["growth"]
+                    else:
+                        totals[label] += timed(action)
+                blob = store.stat(key)
+                assert blob is not None and blob.size == local.stat().st_size == (media / name).stat().st_size
+                size += blob.size
+                store.delete(key)
+                local.unlink()
+    finally:
+        sftp.close()
+        client.close()
+    return {"bytes": size, "seconds": totals, "rss": rss}
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+
+def run_all(args: argparse.Namespace, work: Path, url: str) -> tuple[list[tuple[str, int, int, float, float]], Any]:
+    """Sections 1 (with the emulator) and 2-3 (with sshd); each server is stopped when its section ends."""
+    with running_emulator() as host:
+        django = schema.make_engine(url)
+        try:
+            started = time.perf_counter()
+            tally = generate_app(django, work / "media", users=args.users, outside_dir=work / "outside")
+            totals = {entity: tally.totals(entity)["migrated"] for entity in ENTITIES}
+            took = time.perf_counter() - started
+            print(f"generated {args.users} users in {took:.1f} s; migratable: {totals}", flush=True)
+            print(f"emulator at {host}; migrating 16 shards of each entity", flush=True)
+            assets = bench_assets(django, host, work / "media", work / "blobs")
+            if args.profile:
+                profile_shard(django, host, work / "media", work / "blobs-profile", args.top)
+        finally:
+            django.dispose()
+    (work / "sshd").mkdir()
+    names = make_files(work / "sftp-media", args.small_files, args.small_mb, args.large_mb)
+    print(f"SFTP: {args.small_files} × {args.small_mb} MB + 1 × {args.large_mb} MB", flush=True)
+    with running_sshd(work / "sshd") as server:
+        sftp = bench_sftp(server, work / "sftp-media", names, work)
+    return assets, sftp
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=2000)
+    parser.add_argument("--small-files", type=int, default=20, help="SFTP: this many files of --small-mb")
+    parser.add_argument("--small-mb", type=int, default=10)
+    parser.add_argument("--large-mb", type=int, default=200, help="SFTP: one file of this size (RSS measured)")
+    parser.add_argument("--profile", action="store_true", help="then cProfile shard-00 of each entity")
+    parser.add_argument("--top", type=int, default=25, help="cProfile: functions listed")
+    args = parser.parse_args()
+    wall = time.perf_counter()
+
+    failure: BaseException | None = None
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-app-") as tmp,
+        throwaway_database(POSTGRES_ADMIN, "bench_app") as url,
+    ):
+        try:
+            assets, sftp = run_all(args, Path(tmp), url)
+        except BaseException as problem:  # re-raised below: throwaway_database drops only on a normal exit
+            failure = problem
+    if failure is not None:
+        raise failure
+
+    print()
+    print("| measure | AppMigration / ours | raw loop / plain paramiko | ratio | target |")
+    print("|---|---:|---:|---:|---:|")
+    for entity, read, written, seconds, raw_seconds in assets:
+        ours, raw = written / seconds, written / raw_seconds
+        print(
+            f"| `{entity}` docs/s ({written} docs of {read} rows, {seconds:.2f} s vs {raw_seconds:.2f} s) "
+            f"| {ours:,.0f} | {raw:,.0f} | {ours / raw:.2f}× | ≥ {TARGET_APP}× |"
+        )
+    megabytes = sftp["bytes"] / MB
+    copy_rate = megabytes / sftp["seconds"]["copy_blob"]
+    get_rate = megabytes / sftp["seconds"]["get"]
+    print(
+        f"| SFTP blob copy MB/s ({megabytes:,.0f} MB: copy_blob {sftp['seconds']['copy_blob']:.2f} s "
+        f"vs get {sftp['seconds']['get']:.2f} s) | {copy_rate:,.1f} | {get_rate:,.1f} "
+        f"| {copy_rate / get_rate:.2f}× | ≥ {TARGET_SFTP}× |"
+    )
+    print(
+        f"| peak RSS growth, {args.large_mb} MB file over SFTP (MB) | {sftp['rss']['copy_blob'] / MB:,.1f} "
+        f"| {sftp['rss']['get'] / MB:,.1f} | | |"
+    )
+    print(f"\nwall time {time.perf_counter() - wall:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

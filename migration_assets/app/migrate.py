@@ -1,0 +1,547 @@
+"""Migrate one app entity of one shard: the List Cutter Django DB → Firestore (and, for files, the
+blob store). In-process, on the Dagster host (DESIGN §5 "App").
+
+The shard's source rows are read in id order, a batch at a time (keyset pages: memory depends on
+the batch size, never on the table). For each batch:
+
+1. the §6 rules (worker/app_rules.py) make each row a document or a quarantine reason; ``files``
+   stream their content from the media source into the blob store, verified by SHA-256;
+2. the documents already in Firestore are read (``get_many``): a document whose content hash is
+   unchanged is not written again (counted, no ledger row);
+3. **write-ahead**: the ledger rows (with the previous document, and the previous blob's backup
+   key) and the quarantine rows are committed to the control DB *before* Firestore is written, so
+   every document a run changes has its ledger row even if the run is killed in between; then the
+   Firestore writes, in requests of at most 500 writes / ~3 MiB; then the checkpoint.
+
+A killed run leaves its last checkpoint; the next run resumes after it, and a replayed batch finds
+its documents already written (same hash: unchanged). One writer per entity and shard: the
+advisory lock is held on the control DB connection and re-checked before every Firestore commit.
+
+A *full* run ends with a sweep that deletes the shard's documents whose source row is gone; it is
+guarded like the clinical path: more than ``max_delete_share`` of the shard's documents stops the
+run before anything is deleted, unless ``allow_mass_delete``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from sqlalchemy import Connection, Engine, delete, func, select
+
+from resources.blobstore import BlobStore, copy_blob, hash_source
+from resources.firestore import DocumentWriter, Write
+from resources.media import MediaError, MediaSource
+from worker import app_rules, django_schema, locks, rules, schema
+from worker.engine import Counts, MassDeleteRefused, Result
+from worker.params import InvalidParameters, common_problems, shard_problem
+from worker.runbook import RunBook
+
+Entity = Literal["users", "files", "filters"]
+ENTITIES: tuple[str, ...] = ("users", "files", "filters")
+SOURCES = django_schema.SOURCES
+UPDATED_AT = {"users": None, "files": "updated_at", "filters": "updated_at"}  # auth_user has no such column
+BACKUP_PREFIX = "previous"  # blobs a run overwrote or deleted: previous/{run_id}/files/{user_id}/{file_id}
+TIMESTAMP = "$timestamp"  # how a Firestore timestamp is kept in the ledger's JSON
+DEFAULT_BATCH_SIZE = 500
+
+
+@dataclass(frozen=True)
+class AppRunParameters:
+    entity: str
+    shard: str
+    usuario: str
+    run_id: str
+    mode: Literal["full", "incremental"] = "full"
+    dry_run: bool = False
+    batch_size: int = DEFAULT_BATCH_SIZE
+    allow_mass_delete: bool = False
+    max_delete_share: float = 0.10
+
+
+def validate_app(params: AppRunParameters) -> AppRunParameters:
+    """``params`` unchanged if every §8 rule holds (the clinical path's checks, shared), else raise."""
+    problems: list[str] = []
+    if params.entity not in ENTITIES:
+        problems.append(f"entity must be one of {', '.join(ENTITIES)}")
+    if problem := shard_problem(params.shard):
+        problems.append(problem)
+    problems += common_problems(params)
+    if problems:
+        raise InvalidParameters("; ".join(problems))
+    return params
+
+
+# --- the ledger's JSON form of a Firestore document ------------------------------------------
+
+
+def to_ledger(value: Any) -> Any:
+    """A Firestore document as JSON: timestamps become ``{"$timestamp": ISO 8601 UTC}``."""
+    if isinstance(value, datetime):
+        aware = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return {TIMESTAMP: aware.isoformat()}
+    if isinstance(value, Mapping):
+        return {key: to_ledger(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_ledger(item) for item in value]
+    return value
+
+
+def from_ledger(value: Any) -> Any:
+    """The inverse of :func:`to_ledger`: the document as it was, with its timestamps."""
+    if isinstance(value, Mapping):
+        if set(value) == {TIMESTAMP}:
+            return datetime.fromisoformat(value[TIMESTAMP])
+        return {key: from_ledger(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [from_ledger(item) for item in value]
+    return value
+
+
+# --- one batch's decisions ---------------------------------------------------------------------
+
+
+@dataclass
+class Decision:
+    """What the rules made of one source row: its document, or why it is quarantined."""
+
+    legacy_id: int
+    document: dict[str, Any] | None = None
+    reason: str | None = None
+    detail: str | None = None
+    blob_backup: str | None = None  # where this run kept the blob it overwrote
+
+
+class AppMigration:
+    """One run of one app entity over one shard."""
+
+    def __init__(
+        self,
+        params: AppRunParameters,
+        django: Engine,
+        state: Engine,
+        firestore: DocumentWriter,
+        *,
+        media: MediaSource | None = None,
+        blobs: BlobStore | None = None,
+        log: Callable[[str], None] = lambda _: None,
+        progress: Callable[[Counts], None] = lambda _: None,
+        lock_wait_seconds: float = 120.0,
+    ) -> None:
+        if params.entity == "files" and (media is None or blobs is None):
+            raise ValueError("files need a media source and a blob store")
+        self.params = params
+        self.django = django
+        self.state = state
+        self.firestore = firestore
+        self.media = media
+        self.blobs = blobs
+        self.log = log
+        self.progress = progress
+        self.lock_wait_seconds = lock_wait_seconds
+        self.source = SOURCES[params.entity]
+        self.shard_number = app_rules.shard_number(params.shard)
+        self.delete_budget: int | None = None  # deletions this full run may make; None: unlimited
+        self.migrated_before = 0  # the shard's documents when the run started
+        self.fresh = False  # the shard had no document when the run started: nothing to read back
+        self.book = RunBook(
+            entity=params.entity,
+            partition_key=params.shard,
+            run_id=params.run_id,
+            usuario=params.usuario,
+            mode=params.mode,
+            dry_run=params.dry_run,
+            parameters={"mode": params.mode},
+            extra={"allow_mass_delete": params.allow_mass_delete},
+            log=log,
+        )
+
+    def path(self, legacy_id: int) -> str:
+        return f"{self.params.entity}/{legacy_id}"
+
+    # --- the run -------------------------------------------------------------------------
+
+    def run(self) -> Result:
+        started = time.monotonic()
+        schema.create_schemas(self.state, schema.state_metadata)
+        p = self.params
+        with ExitStack() as stack:
+            state = stack.enter_context(self.state.connect())
+            # One writer per entity and shard; nothing of the run's state is touched before the lock.
+            stack.enter_context(locks.exclusive(state, p.entity, p.shard, self.lock_wait_seconds))
+            self.book.close_interrupted_runs(state)
+            checkpoint = None if p.dry_run else self.book.resumable_checkpoint(state)
+            incremental = p.mode == "incremental" and UPDATED_AT[p.entity] is not None
+            if p.mode == "incremental" and not incremental:
+                self.log(f"{p.entity} have no updated_at: this incremental run reads the whole shard, deletes nothing")
+            since = self.book.last_watermark(state) if incremental else None
+            mode = "incremental" if since is not None else "full"
+            if incremental and since is None:
+                self.log("no earlier successful run: this incremental run sweeps the whole shard")
+            counts = Counts.from_dict(checkpoint["counts"]) if checkpoint else Counts()
+            watermark = checkpoint["watermark"] if checkpoint else self._source_watermark()
+            after = checkpoint["last_legacy_id"] if checkpoint else -1
+            resumed_from = checkpoint["run_id"] if checkpoint else None
+            if resumed_from:
+                self.log(f"resuming after legacy id {after}, checkpointed by run {resumed_from}")
+                self._settle_write_ahead(state, resumed_from, after)
+            read_before = counts.read
+            self.book.record_start(state, mode, resumed_from)
+            sweeps = mode == "full" and p.mode == "full"
+            # The shard's documents before this run (a count aggregation, nothing read): a full run's
+            # deletion budget, and, when there are none (a first run), no document needs reading back.
+            self.migrated_before = self.firestore.count(p.entity, p.shard)
+            self.fresh = self.migrated_before == 0
+            if sweeps and not p.allow_mass_delete:
+                self.delete_budget = int(self.migrated_before * p.max_delete_share)
+            try:
+                last_report = time.monotonic()
+                deleted_before = counts.deleted
+                for rows in self._pages(after, since):
+                    after = int(rows[-1]["id"])
+                    self._apply_batch(state, rows, counts, deleted_before)
+                    self.book.checkpoint(state, after, counts.as_dict(), watermark, "running")
+                    self._commit(state)
+                    if time.monotonic() - last_report >= 5:
+                        self.progress(counts)
+                        last_report = time.monotonic()
+                if sweeps:
+                    self._sweep_gone(state, counts, deleted_before)
+                self.book.checkpoint(state, after, counts.as_dict(), watermark, "done")
+                self._commit(state)
+                self.progress(counts)
+            except BaseException:
+                self.book.record_end(state, "failed", counts.as_dict(), None, self.state.begin)
+                raise
+            self.book.record_end(state, "succeeded", counts.as_dict(), watermark, self.state.begin)
+        return Result(counts, mode, resumed_from, watermark, time.monotonic() - started, counts.read - read_before)
+
+    def _commit(self, state: Connection) -> None:
+        if self.params.dry_run:
+            state.rollback()
+        else:
+            state.commit()
+
+    # --- source --------------------------------------------------------------------------
+
+    def _eligible(self) -> Any:
+        return django_schema.shard_filter(self.source, self.shard_number)
+
+    def _source_watermark(self) -> datetime | None:
+        column = UPDATED_AT[self.params.entity]
+        if column is None:
+            return None
+        with self.django.connect() as source:
+            latest = source.scalar(select(func.max(self.source.c[column])).where(self._eligible()))
+        return rules.coerce_datetime(latest)
+
+    def _pages(self, after: int, since: datetime | None) -> Iterator[list[dict[str, Any]]]:
+        t = self.source
+        while True:
+            query = select(t).where(self._eligible(), t.c.id > after)
+            if since is not None:
+                query = query.where(t.c[UPDATED_AT[self.params.entity]] > since)  # type: ignore[index]
+            with self.django.connect() as source:
+                rows = [
+                    dict(row) for row in source.execute(query.order_by(t.c.id).limit(self.params.batch_size)).mappings()
+                ]
+            if not rows:
+                return
+            yield rows
+            after = int(rows[-1]["id"])
+
+    # --- one batch -----------------------------------------------------------------------
+
+    def _apply_batch(
+        self, state: Connection, rows: Sequence[Mapping[str, Any]], counts: Counts, deleted_before: int
+    ) -> None:
+        p = self.params
+        existing = {} if self.fresh else self.firestore.get_many([self.path(int(row["id"])) for row in rows])
+        decisions = self._decide(rows, existing)
+        writes: list[Write] = []
+        ledger: list[dict[str, Any]] = []
+        quarantine: list[dict[str, Any]] = []
+        blob_deletions: list[tuple[str, str]] = []
+        now = datetime.now(UTC)
+        counts.read += len(rows)
+        for decision in decisions:
+            path = self.path(decision.legacy_id)
+            old = existing.get(path)
+            previous = to_ledger(old) if old is not None else None
+            if decision.document is None:
+                counts.quarantined[decision.reason or ""] += 1
+                quarantine.append(self._quarantine_row(decision, now))
+                if old is not None:  # once migrated, now refused: the document goes (kept in the ledger)
+                    counts.deleted += 1
+                    backup = self._backup_key(old)
+                    if backup is not None:
+                        blob_deletions.append((self._blob_key(old), backup))
+                    writes.append(Write(path, None))
+                    ledger.append(self._ledger_row(decision.legacy_id, path, "deleted", None, previous, backup, now))
+                continue
+            digest = app_rules.document_hash(p.entity, decision.document)
+            if old is not None and old.get("content_hash") == digest:
+                counts.unchanged += 1
+                continue
+            action = "inserted" if old is None else "updated"
+            setattr(counts, action, getattr(counts, action) + 1)
+            stored = {**decision.document, "shard": p.shard, "content_hash": digest, "run_id": p.run_id,
+                      "migrated_at": now}  # fmt: skip
+            writes.append(Write(path, stored))
+            ledger.append(
+                self._ledger_row(decision.legacy_id, path, action, digest, previous, decision.blob_backup, now)
+            )
+        self._refuse_mass_delete(counts.deleted - deleted_before)
+        if p.dry_run:
+            return
+        ids = [decision.legacy_id for decision in decisions]
+        q = schema.quarantine
+        state.execute(delete(q).where(q.c.entity == p.entity, q.c.partition_key == p.shard, q.c.legacy_id.in_(ids)))
+        if quarantine:
+            state.execute(q.insert(), quarantine)
+        if ledger:
+            state.execute(schema.ledger.insert(), ledger)
+        state.commit()  # write-ahead: the ledger knows before Firestore changes
+        self._write(state, writes)
+        self._move_blobs_away(blob_deletions)
+
+    def _settle_write_ahead(self, state: Connection, killed: str, after: int) -> None:
+        """The killed run's ledger rows past its checkpoint were written ahead of Firestore: keep those
+        whose change did reach Firestore (the document carries that run's id, or is gone for a
+        delete) and drop the others, which this run will redo and record as its own."""
+        ledger = schema.ledger
+        rows = state.execute(
+            select(ledger.c.id, ledger.c.target_id, ledger.c.action).where(
+                ledger.c.run_id == killed,
+                ledger.c.entity == self.params.entity,
+                ledger.c.partition_key == self.params.shard,
+                ledger.c.legacy_id > after,
+            )
+        ).all()
+        if not rows:
+            return
+        found = self.firestore.get_many([row.target_id for row in rows], fields=["run_id"])
+
+        def happened(action: str, document: Mapping[str, Any] | None) -> bool:
+            if action == "deleted":
+                return document is None
+            return document is not None and document.get("run_id") == killed
+
+        never = [row.id for row in rows if not happened(row.action, found.get(row.target_id))]
+        if never:
+            state.execute(delete(ledger).where(ledger.c.id.in_(never)))
+        state.commit()
+
+    def _write(self, state: Connection, writes: Sequence[Write]) -> None:
+        if not writes:
+            return
+        locks.require_held(state, self.params.entity, self.params.shard)
+        self.firestore.commit(writes)
+
+    def _quarantine_row(self, decision: Decision, at: datetime) -> dict[str, Any]:
+        return {
+            "entity": self.params.entity,
+            "partition_key": self.params.shard,
+            "legacy_id": decision.legacy_id,
+            "reason": decision.reason,
+            "detail": (decision.detail or "")[:255],
+            "run_id": self.params.run_id,
+            "created_at": at,
+        }
+
+    def _ledger_row(
+        self,
+        legacy_id: int,
+        path: str,
+        action: str,
+        digest: str | None,
+        previous: Any,
+        blob_backup: str | None,
+        at: datetime,
+    ) -> dict[str, Any]:
+        kept = None if previous is None and blob_backup is None else {"document": previous, "blob": blob_backup}
+        return {
+            "entity": self.params.entity,
+            "partition_key": self.params.shard,
+            "legacy_id": legacy_id,
+            "target_id": path,
+            "action": action,
+            "content_hash": digest,
+            "previous": kept,
+            "run_id": self.params.run_id,
+            "at": at,
+        }
+
+    # --- the rules, per entity ---------------------------------------------------------------
+
+    def _decide(self, rows: Sequence[Mapping[str, Any]], existing: Mapping[str, Any]) -> list[Decision]:
+        entity = self.params.entity
+        users = self._migrated("users", {row["user_id"] for row in rows} if entity != "users" else set())
+        files = self._migrated("files", {row["file_id"] for row in rows} if entity == "filters" else set())
+        decisions = []
+        for row in rows:
+            decision = Decision(legacy_id=int(row["id"]))
+            try:
+                if entity == "users":
+                    document = app_rules.transform_user(row)
+                elif entity == "files":
+                    document = self._file(row, existing.get(self.path(decision.legacy_id)), users, decision)
+                else:
+                    app_rules.require_user(row["user_id"] in users)
+                    app_rules.require_file(row["file_id"], row["file_id"] in files)
+                    document = app_rules.filter_document(row)
+                decision.document = document  # the transforms refuse what Firestore cannot hold
+            except rules.Quarantined as refused:
+                decision.reason, decision.detail = refused.reason, refused.detail
+            except MediaError as refused:
+                decision.reason, decision.detail = refused.reason, refused.detail
+            decisions.append(decision)
+        return decisions
+
+    def _migrated(self, collection: str, ids: set[Any]) -> set[Any]:
+        """Which of ``ids`` have a document in ``collection`` (a reference must name a migrated record)."""
+        wanted = sorted(i for i in ids if i is not None)
+        if not wanted:
+            return set()
+        found = self.firestore.get_many([f"{collection}/{i}" for i in wanted], fields=["legacy_id"])
+        return {i for i in wanted if found.get(f"{collection}/{i}") is not None}
+
+    def _file(
+        self, row: Mapping[str, Any], old: Mapping[str, Any] | None, users: set[Any], decision: Decision
+    ) -> dict[str, Any]:
+        """The file's document, its blob in place. Reasons in §6 order: ORPHAN_USER, UNSAFE_PATH,
+        MISSING_BLOB, CHECKSUM_MISMATCH, INVALID_VALUE; a quarantined file gets no blob."""
+        assert self.media is not None and self.blobs is not None
+        app_rules.require_user(row["user_id"] in users)
+        app_rules.require_safe_path(row["file_path"])
+        key = app_rules.blob_key(row["user_id"], row["file_id"])
+        url = self.blobs.url(key)
+        refused: rules.Quarantined | None = None
+        provisional: dict[str, Any] = {}
+        try:  # the document's own values, before any blob is written (the real size and hash come later:
+            # a 64-bit size and a 64-character hash cannot make a valid document invalid)
+            provisional = app_rules.file_document(row, size_bytes=0, sha256="0" * 64, blob_url=url)
+        except rules.Quarantined as problem:
+            refused = problem
+        if refused is not None or self.params.dry_run or (old is not None and old.get("sha256")):
+            # read the content only: an invalid or dry-run file gets no blob, a known one may be unchanged
+            size, sha256 = hash_source(self.media, row["file_path"])
+            app_rules.require_checksum(row["sha256"], sha256)
+            if refused is not None:
+                raise refused
+            stored = self.blobs.stat(key)
+            same = old is not None and old.get("sha256") == sha256 and stored is not None and stored.size == size
+            if not (self.params.dry_run or same):
+                decision.blob_backup = self._backup_blob(key) if old is not None else None
+                copied = copy_blob(self.media, row["file_path"], self.blobs, key, expected_sha256=sha256)
+                size, sha256 = copied.size, copied.sha256
+        else:
+            copied = copy_blob(self.media, row["file_path"], self.blobs, key, expected_sha256=row["sha256"])
+            size, sha256 = copied.size, copied.sha256
+        return {**provisional, "size_bytes": size, "sha256": sha256}
+
+    # --- blobs a run overwrites or deletes -----------------------------------------------------
+
+    def _blob_key(self, document: Mapping[str, Any]) -> str:
+        return app_rules.blob_key(document["user_id"], document["file_id"])
+
+    def _backup_key(self, document: Mapping[str, Any]) -> str | None:
+        """Where the blob of a file document about to be deleted is kept (None: not a file)."""
+        if self.params.entity != "files":
+            return None
+        return f"{BACKUP_PREFIX}/{self.params.run_id}/{self._blob_key(document)}"
+
+    def _backup_blob(self, key: str) -> str | None:
+        """Keep the blob at ``key`` before it is overwritten; its backup key, or None if none was there."""
+        assert self.blobs is not None
+        if self.blobs.stat(key) is None:
+            return None
+        backup = f"{BACKUP_PREFIX}/{self.params.run_id}/{key}"
+        self.blobs.copy(key, backup)
+        return backup
+
+    def _move_blobs_away(self, moves: Sequence[tuple[str, str]]) -> None:
+        """The blobs of deleted file documents, moved to their backup keys (the ledger names them)."""
+        assert not moves or self.blobs is not None
+        for key, backup in moves:
+            if self.blobs is not None and self.blobs.stat(key) is not None:
+                self.blobs.copy(key, backup)
+                self.blobs.delete(key)
+
+    # --- deletions of a full run -----------------------------------------------------------
+
+    def _gone(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """The shard's documents whose source row no longer exists in the shard (streamed)."""
+        page: list[tuple[str, dict[str, Any]]] = []
+
+        def missing(page: list[tuple[str, dict[str, Any]]]) -> Iterator[tuple[str, dict[str, Any]]]:
+            ids = [int(data["legacy_id"]) for _, data in page]
+            t = self.source
+            with self.django.connect() as source:
+                present = set(source.scalars(select(t.c.id).where(self._eligible(), t.c.id.in_(ids))))
+            yield from ((path, data) for path, data in page if int(data["legacy_id"]) not in present)
+
+        for document in self.firestore.stream_collection(self.params.entity, self.params.shard):
+            page.append((document.path, document.data))
+            if len(page) >= DEFAULT_BATCH_SIZE:
+                yield from missing(page)
+                page = []
+        if page:
+            yield from missing(page)
+
+    def _refuse_mass_delete(self, deleting: int) -> None:
+        if self.delete_budget is None or deleting <= self.delete_budget:
+            return
+        p = self.params
+        migrated = self.migrated_before
+        raise MassDeleteRefused(
+            f"a full run would delete {deleting} {p.entity} of {p.shard}"
+            + (f" ({deleting / migrated:.1%} of {migrated} migrated)" if migrated else "")
+            + f", more than the {p.max_delete_share:.0%} a run may delete: stopped before deleting. Check "
+            "DJANGO_DB_URL and the source; if the deletions are meant, run again with allow_mass_delete: true"
+        )
+
+    def _sweep_gone(self, state: Connection, counts: Counts, deleted_before: int) -> None:
+        """Delete the documents whose source row is gone (each kept in the ledger first).
+
+        Every row this run (and the run it resumed) migrated has exactly one document, so when the
+        shard holds as many documents as that, nothing is gone and nothing is read. Otherwise the gone
+        documents are counted first and the run stops — before deleting any of them — if they would
+        take its deletions past ``max_delete_share`` (an empty or wrong source never empties a shard).
+        """
+        p = self.params
+        if not p.dry_run and self.firestore.count(p.entity, p.shard) == counts.migrated:
+            return
+        self._refuse_mass_delete(counts.deleted - deleted_before + sum(1 for _ in self._gone()))
+        now = datetime.now(UTC)
+        batch: list[tuple[str, dict[str, Any]]] = []
+
+        def flush() -> None:
+            counts.deleted += len(batch)
+            if p.dry_run:
+                return
+            moves = []
+            ledger = []
+            for path, data in batch:
+                backup = self._backup_key(data)
+                if backup is not None:
+                    moves.append((self._blob_key(data), backup))
+                ledger.append(
+                    self._ledger_row(int(data["legacy_id"]), path, "deleted", None, to_ledger(data), backup, now)
+                )
+            state.execute(schema.ledger.insert(), ledger)
+            state.commit()
+            self._write(state, [Write(path, None) for path, _ in batch])
+            self._move_blobs_away(moves)
+
+        for item in self._gone():
+            batch.append(item)
+            if len(batch) >= DEFAULT_BATCH_SIZE:
+                flush()
+                batch = []
+        if batch:
+            flush()
