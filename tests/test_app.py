@@ -310,3 +310,51 @@ def test_writes_go_in_requests_within_the_byte_limit(setup: Setup) -> None:
     assert len(requests) >= 3 and all(len(r) * 900 * 1024 < 3 * 1024 * 1024 + 1024 for r in requests)
     with pytest.raises(PartialCommit):
         writer.commit([Write("sizes/1", {"ok": 1}), Write("sizes/2", {"bad": [[1]]})])
+
+
+def test_incremental_reads_only_files_changed_since_the_watermark(setup: Setup) -> None:
+    shard = busiest_shard(setup.tally)
+    setup.run("users", shard, "u")
+    setup.run("files", shard, "f1")
+    migrated = sorted(setup.documents("files", shard))
+    with setup.django.begin() as conn:
+        conn.exec_driver_sql(
+            "UPDATE list_cutter_savedfile SET metadata = '{\"rows\": 7}', updated_at = now() + interval '1 day' "
+            f"WHERE id = {migrated[0]}"
+        )
+    result = setup.run("files", shard, "f2", mode="incremental")
+    assert result.mode == "incremental" and result.counts.read == 1 and result.counts.updated == 1
+    assert setup.documents("files", shard)[migrated[0]]["metadata"] == {"rows": 7}
+    users = setup.run("users", shard, "u2", mode="incremental")  # auth_user has no updated_at: read whole
+    assert users.counts.read == len(setup.expected_fates("users", shard)) and users.counts.deleted == 0
+
+
+def test_a_dry_run_writes_nothing(setup: Setup) -> None:
+    shard = busiest_shard(setup.tally)
+    setup.run("users", shard, "u")
+    result = setup.run("files", shard, "dry", dry_run=True)
+    assert result.counts.inserted == sum(1 for f in setup.expected_fates("files", shard).values() if f == MIGRATED)
+    assert setup.documents("files", shard) == {} and setup.quarantine("files", shard) == {}
+    assert setup.ledger_count("dry") == 0
+    assert not [p for p in setup.blob_root.rglob("*") if p.is_file()]
+
+
+def test_an_overwritten_blob_and_document_are_kept_in_the_ledger(setup: Setup) -> None:
+    shard = busiest_shard(setup.tally)
+    setup.run("users", shard, "u")
+    setup.run("files", shard, "f1")
+    legacy_id, document = next(iter(sorted(setup.documents("files", shard).items())))
+    key = app_rules.blob_key(document["user_id"], document["file_id"])
+    with setup.django.connect() as conn:
+        path = conn.exec_driver_sql(f"SELECT file_path FROM list_cutter_savedfile WHERE id = {legacy_id}").scalar()
+    (setup.media_root / path).write_bytes(b"a,b\n1,2\n")  # new content; the recorded sha256 no longer matches
+    with setup.django.begin() as conn:
+        conn.exec_driver_sql(f"UPDATE list_cutter_savedfile SET sha256 = NULL WHERE id = {legacy_id}")
+    result = setup.run("files", shard, "f2")
+    assert result.counts.updated == 1
+    ledger = schema.ledger
+    with setup.state.connect() as conn:
+        previous = conn.scalar(select(ledger.c.previous).where(ledger.c.run_id == "f2", ledger.c.action == "updated"))
+    assert from_ledger(previous["document"])["sha256"] == document["sha256"]
+    assert setup.blobs.sha256(previous["blob"]) == document["sha256"]  # the old bytes, kept for a rollback
+    assert setup.blobs.sha256(key) == setup.documents("files", shard)[legacy_id]["sha256"] != document["sha256"]

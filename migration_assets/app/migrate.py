@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -103,6 +104,17 @@ def from_ledger(value: Any) -> Any:
 
 
 # --- one batch's decisions ---------------------------------------------------------------------
+
+
+@dataclass
+class Pending:
+    """A batch whose ledger is committed: its Firestore writes, and what follows them."""
+
+    writes: list[Write] = field(default_factory=list)
+    blob_deletions: list[tuple[str, str]] = field(default_factory=list)
+    future: Future[None] | None = None
+    last_id: int = 0
+    counts: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -200,17 +212,26 @@ class AppMigration:
                 self.delete_budget = int(self.migrated_before * p.max_delete_share)
             try:
                 last_report = time.monotonic()
-                deleted_before = counts.deleted
-                for rows in self._pages(after, since):
-                    after = int(rows[-1]["id"])
-                    self._apply_batch(state, rows, counts, deleted_before)
-                    self.book.checkpoint(state, after, counts.as_dict(), watermark, "running")
-                    self._commit(state)
-                    if time.monotonic() - last_report >= 5:
-                        self.progress(counts)
-                        last_report = time.monotonic()
+                before = Counts.from_dict(counts.as_dict())
+                # Batch N's Firestore commit runs on a thread while batch N+1 is read and decided (the
+                # client waits on the network without the GIL); its checkpoint follows the commit.
+                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="firestore-commit") as committer:
+                    pending: Pending | None = None
+                    for rows in self._pages(after, since):
+                        batch = self._apply_batch(state, rows, counts, before.deleted)
+                        self._finish(state, pending, watermark)
+                        if batch.writes:
+                            locks.require_held(state, p.entity, p.shard)
+                        batch.future = committer.submit(self._commit_writes, batch.writes)
+                        batch.last_id, batch.counts = int(rows[-1]["id"]), counts.as_dict()
+                        pending = batch
+                        if time.monotonic() - last_report >= 5:
+                            self.progress(counts)
+                            last_report = time.monotonic()
+                    self._finish(state, pending, watermark)
+                    after = pending.last_id if pending is not None else after
                 if sweeps:
-                    self._sweep_gone(state, counts, deleted_before)
+                    self._sweep_gone(state, counts, before)
                 self.book.checkpoint(state, after, counts.as_dict(), watermark, "done")
                 self._commit(state)
                 self.progress(counts)
@@ -219,6 +240,21 @@ class AppMigration:
                 raise
             self.book.record_end(state, "succeeded", counts.as_dict(), watermark, self.state.begin)
         return Result(counts, mode, resumed_from, watermark, time.monotonic() - started, counts.read - read_before)
+
+    def _commit_writes(self, writes: Sequence[Write]) -> None:
+        if writes and not self.params.dry_run:
+            self.firestore.commit(writes)
+
+    def _finish(self, state: Connection, batch: Pending | None, watermark: datetime | None) -> None:
+        """Wait for ``batch``'s Firestore commit, then move the blobs of its deleted files away and
+        checkpoint it."""
+        if batch is None:
+            return
+        assert batch.future is not None
+        batch.future.result()  # a failed commit fails the run here; its checkpoint is never written
+        self._move_blobs_away(batch.blob_deletions)
+        self.book.checkpoint(state, batch.last_id, batch.counts, watermark, "running")
+        self._commit(state)
 
     def _commit(self, state: Connection) -> None:
         if self.params.dry_run:
@@ -258,7 +294,9 @@ class AppMigration:
 
     def _apply_batch(
         self, state: Connection, rows: Sequence[Mapping[str, Any]], counts: Counts, deleted_before: int
-    ) -> None:
+    ) -> Pending:
+        """Decide ``rows``, count them and commit their ledger and quarantine rows (write-ahead); the
+        Firestore writes and blob moves are returned, for the caller to carry out."""
         p = self.params
         existing = {} if self.fresh else self.firestore.get_many([self.path(int(row["id"])) for row in rows])
         decisions = self._decide(rows, existing)
@@ -297,7 +335,7 @@ class AppMigration:
             )
         self._refuse_mass_delete(counts.deleted - deleted_before)
         if p.dry_run:
-            return
+            return Pending()
         ids = [decision.legacy_id for decision in decisions]
         q = schema.quarantine
         state.execute(delete(q).where(q.c.entity == p.entity, q.c.partition_key == p.shard, q.c.legacy_id.in_(ids)))
@@ -306,8 +344,7 @@ class AppMigration:
         if ledger:
             state.execute(schema.ledger.insert(), ledger)
         state.commit()  # write-ahead: the ledger knows before Firestore changes
-        self._write(state, writes)
-        self._move_blobs_away(blob_deletions)
+        return Pending(writes, blob_deletions)
 
     def _settle_write_ahead(self, state: Connection, killed: str, after: int) -> None:
         """The killed run's ledger rows past its checkpoint were written ahead of Firestore: keep those
@@ -505,18 +542,20 @@ class AppMigration:
             "DJANGO_DB_URL and the source; if the deletions are meant, run again with allow_mass_delete: true"
         )
 
-    def _sweep_gone(self, state: Connection, counts: Counts, deleted_before: int) -> None:
+    def _sweep_gone(self, state: Connection, counts: Counts, before: Counts) -> None:
         """Delete the documents whose source row is gone (each kept in the ledger first).
 
-        Every row this run (and the run it resumed) migrated has exactly one document, so when the
-        shard holds as many documents as that, nothing is gone and nothing is read. Otherwise the gone
+        Every row this run (and the run it resumed) migrated has exactly one document, and the shard
+        now holds the documents it held at the start plus those this run inserted, less those it
+        deleted: when the two agree nothing is gone and nothing is read. Otherwise the gone
         documents are counted first and the run stops — before deleting any of them — if they would
         take its deletions past ``max_delete_share`` (an empty or wrong source never empties a shard).
         """
         p = self.params
-        if not p.dry_run and self.firestore.count(p.entity, p.shard) == counts.migrated:
+        held = self.migrated_before + (counts.inserted - before.inserted) - (counts.deleted - before.deleted)
+        if held == counts.migrated:
             return
-        self._refuse_mass_delete(counts.deleted - deleted_before + sum(1 for _ in self._gone()))
+        self._refuse_mass_delete(counts.deleted - before.deleted + sum(1 for _ in self._gone()))
         now = datetime.now(UTC)
         batch: list[tuple[str, dict[str, Any]]] = []
 
