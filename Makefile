@@ -9,7 +9,7 @@ DEMO_ENV := DAGSTER_HOME=$(DEMO)/dagster_home \
 	DJANGO_DB_URL=sqlite:///$(DEMO)/django.db FIRESTORE_PROJECT=demo-migration \
 	MEDIA_TRANSPORT=local MEDIA_ROOT=$(DEMO)/media BLOB_STORE_URL=$(DEMO)/blobs
 
-.PHONY: install demo dev test lint check sshd bench clean
+.PHONY: install demo dev test lint check sshd bench bench-app clean
 
 install: $(VENV)/.installed
 
@@ -55,9 +55,13 @@ sshd:
 		echo "installing openssh-server"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null; }
 
-## benchmark: N patients and 5·N encounters, MariaDB → PostgreSQL over sshd
+## benchmarks: the clinical worker beside the floor (mariadb | psql \copy) and Sling, all in one run
+## (default 500k patients + 750k encounters; N=… to change), and the app path beside a raw Firestore loop
 bench: install sshd
-	$(PY) -m bench.clinical --patients $(or $(N),100000)
+	$(PY) -m bench.clinical $(if $(N),--patients $(N))
+
+bench-app: install sshd
+	$(PY) -m bench.app $(if $(N),--users $(N))
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache
