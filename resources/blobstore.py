@@ -251,9 +251,15 @@ def read_ahead(reader: BinaryIO, chunk_size: int = CHUNK_BYTES, depth: int = 4) 
 
     Reading (paramiko's Python code, holding the GIL) then overlaps hashing and writing (C code that releases
     it); memory stays at ``depth`` × ``chunk_size``. A read error is raised in the consumer; leaving the block
-    stops the thread and waits for it, so the reader is never used by two threads at once.
+    stops the thread and waits for it, so the reader is never used by two threads at once. A file that
+    fits in its first chunk is read without a thread.
     """
+    first = reader.read(chunk_size)
+    if len(first) < chunk_size:  # a short read is the end (both readers fill a read up to EOF): a small
+        yield iter([first] if first else [])  # file needs no thread
+        return
     pending: queue.Queue[object] = queue.Queue(maxsize=depth)
+    pending.put(first)
     stop = threading.Event()
 
     def offer(item: object) -> None:

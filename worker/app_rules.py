@@ -30,6 +30,7 @@ Decisions where §6 is silent (the caller and the tests rely on them):
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import Iterator, Mapping
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from worker.firestore_size import MAX_DOCUMENT_BYTES, document_size
+from worker.firestore_size import DOCUMENT_OVERHEAD, MAX_DOCUMENT_BYTES, document_size, name_size
 from worker.rules import INT64, INVALID_VALUE, Quarantined, clean_text, coerce_datetime, content_hash, remove_nul
 
 # Quarantine reason codes of the app path (DESIGN §6); INVALID_VALUE is worker.rules'.
@@ -140,6 +141,14 @@ def _value_problems(value: Any, depth: int) -> Iterator[str]:
         yield "holds a value of a type Firestore cannot store"
 
 
+def _size_bound(document: Mapping[str, Any]) -> int:
+    """An upper bound of the document's fields' storage size, cheap to compute: every stored value
+    takes at most 8 times the bytes of its JSON form (a string its UTF-8 bytes + 1 against at least
+    + 2 for the quotes; a number, timestamp, bool or null at most 8 against at least 1 character;
+    a key its bytes + 1 against at least + 3)."""
+    return 8 * len(json.dumps(document, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass"))
+
+
 def firestore_value_problem(document: Mapping[str, Any], path: str) -> str | None:
     """Why Firestore would refuse ``document`` at ``path``, or None when it can hold it.
 
@@ -155,6 +164,8 @@ def firestore_value_problem(document: Mapping[str, Any], path: str) -> str | Non
         problem = next(_value_problems(document[name], 1), None)
         if problem is not None:
             return f"{name} {problem}"
+    if _size_bound(document) + name_size(path) + DOCUMENT_OVERHEAD <= MAX_DOCUMENT_BYTES:
+        return None  # far below the limit: no need to size it exactly
     size = document_size(path, document)
     if size > MAX_DOCUMENT_BYTES:
         largest = max(sorted(document), key=lambda name: document_size(path, {name: document[name]}))

@@ -25,6 +25,7 @@ run before anything is deleted, unless ``allow_mass_delete``.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -37,7 +38,7 @@ from sqlalchemy import Connection, Engine, delete, func, select
 from resources.blobstore import BlobStore, copy_blob, hash_source
 from resources.firestore import DocumentWriter, Write
 from resources.media import MediaError, MediaSource
-from worker import app_rules, django_schema, locks, rules, schema
+from worker import app_rules, django_schema, locks, rules, schema, store
 from worker.engine import Counts, MassDeleteRefused, Result
 from worker.params import InvalidParameters, common_problems, shard_problem
 from worker.runbook import RunBook
@@ -49,6 +50,7 @@ UPDATED_AT = {"users": None, "files": "updated_at", "filters": "updated_at"}  # 
 BACKUP_PREFIX = "previous"  # blobs a run overwrote or deleted: previous/{run_id}/files/{user_id}/{file_id}
 TIMESTAMP = "$timestamp"  # how a Firestore timestamp is kept in the ledger's JSON
 DEFAULT_BATCH_SIZE = 500
+IN_FLIGHT = 2  # Firestore commit requests a run keeps going at once
 
 
 @dataclass(frozen=True)
@@ -213,23 +215,26 @@ class AppMigration:
             try:
                 last_report = time.monotonic()
                 before = Counts.from_dict(counts.as_dict())
-                # Batch N's Firestore commit runs on a thread while batch N+1 is read and decided (the
-                # client waits on the network without the GIL); its checkpoint follows the commit.
-                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="firestore-commit") as committer:
-                    pending: Pending | None = None
+                # Firestore commits run on threads, IN_FLIGHT batches at a time, while the next batch is
+                # read and decided (the client waits on the network without the GIL); each batch's
+                # checkpoint follows its own commit and every earlier one, in order.
+                in_flight: deque[Pending] = deque()
+                with ThreadPoolExecutor(max_workers=IN_FLIGHT, thread_name_prefix="firestore-commit") as committer:
                     for rows in self._pages(after, since):
                         batch = self._apply_batch(state, rows, counts, before.deleted)
-                        self._finish(state, pending, watermark)
+                        while len(in_flight) >= IN_FLIGHT:
+                            self._finish(state, in_flight.popleft(), watermark)
                         if batch.writes:
                             locks.require_held(state, p.entity, p.shard)
                         batch.future = committer.submit(self._commit_writes, batch.writes)
                         batch.last_id, batch.counts = int(rows[-1]["id"]), counts.as_dict()
-                        pending = batch
+                        in_flight.append(batch)
+                        after = batch.last_id
                         if time.monotonic() - last_report >= 5:
                             self.progress(counts)
                             last_report = time.monotonic()
-                    self._finish(state, pending, watermark)
-                    after = pending.last_id if pending is not None else after
+                    while in_flight:
+                        self._finish(state, in_flight.popleft(), watermark)
                 if sweeps:
                     self._sweep_gone(state, counts, before)
                 self.book.checkpoint(state, after, counts.as_dict(), watermark, "done")
@@ -339,10 +344,8 @@ class AppMigration:
         ids = [decision.legacy_id for decision in decisions]
         q = schema.quarantine
         state.execute(delete(q).where(q.c.entity == p.entity, q.c.partition_key == p.shard, q.c.legacy_id.in_(ids)))
-        if quarantine:
-            state.execute(q.insert(), quarantine)
-        if ledger:
-            state.execute(schema.ledger.insert(), ledger)
+        store.insert_rows(state, q, quarantine)  # COPY on PostgreSQL
+        store.insert_rows(state, schema.ledger, ledger)
         state.commit()  # write-ahead: the ledger knows before Firestore changes
         return Pending(writes, blob_deletions)
 
