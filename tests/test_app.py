@@ -288,6 +288,7 @@ def test_the_assets_run_through_dagster_with_resources_from_the_environment(
         expected = setup.tally.expected(entity, app_rules.shard_number(shard))
         assert metadata["migrated"] == expected["migrated"] and metadata["shard"] == shard
         assert metadata["quarantined"] == sum(expected["quarantined"].values())
+        assert metadata["quarantined_by_reason"] == expected["quarantined"]  # a JSON value, not its Pipes form
     text = json.dumps([str(e) for e in result.all_events])
     with setup.django.connect() as conn:
         passwords = conn.exec_driver_sql("SELECT password FROM auth_user").scalars().all()

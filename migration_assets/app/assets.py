@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from dagster import AssetExecutionContext, AssetsDefinition, Config, MaterializeResult, asset
+from dagster import AssetExecutionContext, AssetsDefinition, Config, MaterializeResult, MetadataValue, asset
 from google.api_core import exceptions as api_exceptions
 from pydantic import Field
 
@@ -45,6 +45,17 @@ def _category(problem: BaseException) -> Category:
     if isinstance(cause, (*RETRYABLE, api_exceptions.RetryError, ConnectionError)):
         return Category.CONNECTION_ERROR
     return Category(category_of(problem))
+
+
+def as_metadata(values: dict[str, Any]) -> dict[str, Any]:
+    """The run's metadata for Dagster: entries in the Pipes form ``{"raw_value": …, "type": "json"}`` (how
+    the worker reports them) become JSON metadata values, the rest stay as they are."""
+
+    def one(value: Any) -> Any:
+        pipes_json = isinstance(value, dict) and value.get("type") == "json"
+        return MetadataValue.json(value["raw_value"]) if pipes_json else value
+
+    return {key: one(value) for key, value in values.items()}
 
 
 def app_asset(entity: str, description: str, deps: Sequence[AssetsDefinition] = ()) -> AssetsDefinition:
@@ -108,7 +119,7 @@ def app_asset(entity: str, description: str, deps: Sequence[AssetsDefinition] = 
             context.log.error(line)
             error = MigrationError(category, line.split(": ", 1)[1], retryable=category.value == CONNECTION_ERROR)
             raise error.as_failure() from None
-        return MaterializeResult(metadata=result.metadata(entity, {"shard": params.shard}, params.dry_run))
+        return MaterializeResult(metadata=as_metadata(result.metadata(entity, {"shard": params.shard}, params.dry_run)))
 
     return migrate
 
