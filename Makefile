@@ -31,7 +31,7 @@ dev: install
 	test -f $(DEMO)/clinical.db || $(MAKE) demo
 	$(PY) -m demo.firestore_emulator --port 8686 & emulator=$$!; \
 	$(DEMO_ENV) FIRESTORE_EMULATOR_HOST=127.0.0.1:8686 $(VENV)/bin/dagster-daemon run -w workspace.yaml & daemon=$$!; \
-	trap 'kill $$daemon 2>/dev/null; kill -INT $$emulator 2>/dev/null' EXIT INT TERM; \
+	trap 'kill $$daemon $$emulator 2>/dev/null' EXIT INT TERM; \
 	$(DEMO_ENV) FIRESTORE_EMULATOR_HOST=127.0.0.1:8686 \
 	$(VENV)/bin/dagster-webserver -w workspace.yaml -h 127.0.0.1 -p $(or $(PORT),3000)
 

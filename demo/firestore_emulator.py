@@ -151,6 +151,9 @@ if __name__ == "__main__":  # `make dev`: start on --port, print the host, stop 
 
     parser = argparse.ArgumentParser(description="Google's Firestore emulator until interrupted")
     parser.add_argument("--port", type=int, default=None)
+    # A background job of a shell ignores SIGINT: make SIGTERM (and SIGINT) unwind, stopping the emulator.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with running_emulator(parser.parse_args().port) as emulator_host:
         print(f"FIRESTORE_EMULATOR_HOST={emulator_host}", flush=True)
         try:
