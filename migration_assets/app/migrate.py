@@ -46,7 +46,6 @@ from worker.runbook import RunBook
 Entity = Literal["users", "files", "filters"]
 ENTITIES: tuple[str, ...] = ("users", "files", "filters")
 SOURCES = django_schema.SOURCES
-UPDATED_AT = {"users": None, "files": "updated_at", "filters": "updated_at"}  # auth_user has no such column
 BACKUP_PREFIX = "previous"  # blobs a run overwrote or deleted: previous/{run_id}/files/{user_id}/{file_id}
 TIMESTAMP = "$timestamp"  # how a Firestore timestamp is kept in the ledger's JSON
 DEFAULT_BATCH_SIZE = 500
@@ -158,6 +157,7 @@ class AppMigration:
         self.progress = progress
         self.lock_wait_seconds = lock_wait_seconds
         self.source = SOURCES[params.entity]
+        self.updated_at = app_rules.APP_ENTITIES[params.entity].updated_at_column  # None: auth_user has none
         self.shard_number = app_rules.shard_number(params.shard)
         self.delete_budget: int | None = None  # deletions this full run may make; None: unlimited
         self.migrated_before = 0  # the shard's documents when the run started
@@ -189,7 +189,7 @@ class AppMigration:
             stack.enter_context(locks.exclusive(state, p.entity, p.shard, self.lock_wait_seconds))
             self.book.close_interrupted_runs(state)
             checkpoint = None if p.dry_run else self.book.resumable_checkpoint(state)
-            incremental = p.mode == "incremental" and UPDATED_AT[p.entity] is not None
+            incremental = p.mode == "incremental" and self.updated_at is not None
             if p.mode == "incremental" and not incremental:
                 self.log(f"{p.entity} have no updated_at: this incremental run reads the whole shard, deletes nothing")
             since = self.book.last_watermark(state) if incremental else None
@@ -273,11 +273,10 @@ class AppMigration:
         return django_schema.shard_filter(self.source, self.shard_number)
 
     def _source_watermark(self) -> datetime | None:
-        column = UPDATED_AT[self.params.entity]
-        if column is None:
+        if self.updated_at is None:
             return None
         with self.django.connect() as source:
-            latest = source.scalar(select(func.max(self.source.c[column])).where(self._eligible()))
+            latest = source.scalar(select(func.max(self.source.c[self.updated_at])).where(self._eligible()))
         return rules.coerce_datetime(latest)
 
     def _pages(self, after: int, since: datetime | None) -> Iterator[list[dict[str, Any]]]:
@@ -285,7 +284,7 @@ class AppMigration:
         while True:
             query = select(t).where(self._eligible(), t.c.id > after)
             if since is not None:
-                query = query.where(t.c[UPDATED_AT[self.params.entity]] > since)  # type: ignore[index]
+                query = query.where(t.c[self.updated_at] > since)  # type: ignore[index]
             with self.django.connect() as source:
                 rows = [
                     dict(row) for row in source.execute(query.order_by(t.c.id).limit(self.params.batch_size)).mappings()
