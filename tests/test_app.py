@@ -359,3 +359,60 @@ def test_an_overwritten_blob_and_document_are_kept_in_the_ledger(setup: Setup) -
     assert from_ledger(previous["document"])["sha256"] == document["sha256"]
     assert setup.blobs.sha256(previous["blob"]) == document["sha256"]  # the old bytes, kept for a rollback
     assert setup.blobs.sha256(key) == setup.documents("files", shard)[legacy_id]["sha256"] != document["sha256"]
+
+
+KILLABLE = """
+import sys
+from migration_assets.app.migrate import AppMigration, AppRunParameters
+from resources.blobstore import BlobStore
+from resources.firestore import FirestoreResource
+from resources.media import LocalMediaSource
+from worker import schema
+url, project, emulator, media, blobs, shard = sys.argv[1:]
+engine = schema.make_engine(url)
+params = AppRunParameters(entity="files", shard=shard, usuario="tester", run_id="killed", batch_size=2)
+writer = FirestoreResource(project=project, emulator_host=emulator).writer()
+AppMigration(params, engine, engine, writer, media=LocalMediaSource(media), blobs=BlobStore(blobs)).run()
+"""
+
+
+def test_a_process_killed_with_sigkill_mid_run_resumes_without_duplicates_or_gaps(setup: Setup) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    shard = busiest_shard(setup.tally)
+    setup.run("users", shard, "u")
+    argv = [sys.executable, "-c", KILLABLE, setup.django_url, setup.firestore.project,
+            setup.firestore.emulator_host or "", str(setup.media_root), str(setup.blob_root), shard]  # fmt: skip
+    process = subprocess.Popen(argv, cwd=Path(__file__).resolve().parent.parent)
+    checkpoints = schema.checkpoints
+    deadline = time.monotonic() + 120
+    while True:  # kill it once it has checkpointed a few batches, while it is still running
+        with setup.state.connect() as conn:
+            last = conn.scalar(
+                select(checkpoints.c.last_legacy_id).where(
+                    checkpoints.c.entity == "files", checkpoints.c.status == "running"
+                )
+            )
+        if last is not None and last > 0:
+            break
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    result = setup.run("files", shard, "resumed", batch_size=2)
+    assert result.resumed_from == "killed"
+    expected = setup.expected_fates("files", shard)
+    documents = setup.documents("files", shard)
+    assert {**{i: MIGRATED for i in documents}, **setup.quarantine("files", shard)} == expected
+    ledger = schema.ledger
+    with setup.state.connect() as conn:
+        inserted = Counter(
+            conn.scalars(select(ledger.c.legacy_id).where(ledger.c.entity == "files", ledger.c.action == "inserted"))
+        )
+    assert set(inserted) == set(documents) and max(inserted.values()) == 1
+    for document in documents.values():  # every blob in place, whole
+        assert setup.blobs.sha256(app_rules.blob_key(document["user_id"], document["file_id"])) == document["sha256"]
