@@ -45,6 +45,7 @@ from demo.legacy_data import generate
 from demo.sshd import running_sshd
 from resources.ssh import SSHResource
 from worker import schema
+from worker.params import DEFAULT_BATCH_SIZE
 
 WORKER = str(Path(sys.executable).with_name("clinic-migrate"))
 SISTEMA = "BENCH"
@@ -351,7 +352,7 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=500_000)
     parser.add_argument("--encounters-per-patient", type=float, default=1.5)
     parser.add_argument("--encounters", type=int, help="encounters in all (default: patients × per patient)")
-    parser.add_argument("--batch-size", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--rss-sizes", default="100000,2000000", help="patient counts for the RSS runs ('' none)")
     parser.add_argument(
         "--sections", default=",".join(SECTIONS), help=f"which of {','.join(SECTIONS)} to run (default: all)"

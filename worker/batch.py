@@ -11,7 +11,6 @@ check on the batches it verifies.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from datetime import date
 from typing import Any
@@ -23,7 +22,12 @@ from worker import rules
 
 # The characters Python's str.split()/str.strip()/re's \s treat as whitespace (Rust's \s differs:
 # it leaves out U+001C–U+001F).
-_PY_SPACE = "".join(c for c in map(chr, range(sys.maxunicode + 1)) if c.isspace())
+# Spelled out (scanning all of Unicode at import costs ~0.1 s of every run's start-up);
+# tests/test_worker_speed_guards.py holds it to str.isspace() over every code point.
+_PY_SPACE = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
+    "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
 _SPACE_CLASS = "[" + "".join(f"\\x{{{ord(c):x}}}" for c in _PY_SPACE) + "]"
 _NOT_SPACE_OR_AT = "[^@" + _SPACE_CLASS[1:-1] + "]"
 # JSON string escaping exactly as json.dumps(ensure_ascii=False) does it.
@@ -105,8 +109,16 @@ ENCOUNTER_FIELDS = [
 
 
 def _birth_date(raw: pl.Expr, today: date) -> tuple[pl.Expr, pl.Expr, pl.Expr]:
-    """rules.parse_birth_date: (value, not-a-real-date, out-of-range)."""
+    """rules.parse_birth_date: (value, not-a-real-date, out-of-range). One expression, for a single
+    use; :func:`transform_patients` computes the same in stages (each step once per batch)."""
     text = strip_py(remove_nul(raw).fill_null(""))
+    parsed = _parsed_birth_date(text)
+    unknown, unreal, out_of_range = _birth_date_checks(text, parsed, today)
+    return pl.when(unknown | unreal | out_of_range).then(None).otherwise(parsed), unreal, out_of_range
+
+
+def _parsed_birth_date(text: pl.Expr) -> pl.Expr:
+    """The date ``text`` (NUL-free, stripped) spells in one of the two known formats, else NULL."""
     iso = text.str.contains(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
     dmy = text.str.contains(r"^[0-9]{2}/[0-9]{2}/[0-9]{4}$")
     parsed = (
@@ -115,11 +127,15 @@ def _birth_date(raw: pl.Expr, today: date) -> tuple[pl.Expr, pl.Expr, pl.Expr]:
         .when(dmy)
         .then(text.str.strptime(pl.Date, "%d/%m/%Y", strict=False))
     )
-    parsed = pl.when(parsed.dt.year() >= 1).then(parsed)  # Python's date has no year 0
+    return pl.when(parsed.dt.year() >= 1).then(parsed)  # Python's date has no year 0
+
+
+def _birth_date_checks(text: pl.Expr, parsed: pl.Expr, today: date) -> tuple[pl.Expr, pl.Expr, pl.Expr]:
+    """(unknown, not-a-real-date, out-of-range) of a birth date's text and its parsed value."""
     unknown = (text == "") | (text == "0000-00-00")
     unreal = ~unknown & parsed.is_null()
     out_of_range = ~unknown & ~unreal & ((parsed < rules.EARLIEST_BIRTH_DATE) | (parsed > today))
-    return pl.when(unknown | unreal | out_of_range).then(None).otherwise(parsed), unreal, out_of_range
+    return unknown, unreal, out_of_range
 
 
 def _practitioner(expr: pl.Expr, mapping: rules.PractitionerMapping | None) -> pl.Expr:
@@ -128,27 +144,59 @@ def _practitioner(expr: pl.Expr, mapping: rules.PractitionerMapping | None) -> p
     return pl.when(expr == mapping.source).then(pl.lit(mapping.target, pl.Int64)).otherwise(expr.cast(pl.Int64))
 
 
+def _collapsed(expr: pl.Expr) -> pl.Expr:
+    """The first step of :func:`clean_text`: U+0000 removed, whitespace runs collapsed, trimmed."""
+    return strip_py(remove_nul(expr).str.replace_all(_SPACE_CLASS + "+", " "))
+
+
+def _empty_to_null(expr: pl.Expr) -> pl.Expr:
+    """The second step of :func:`clean_text`: empty → NULL."""
+    return pl.when(expr == "").then(None).otherwise(expr)
+
+
 def transform_patients(
     rows: pl.DataFrame, *, today: date, mapping: rules.PractitionerMapping | None = None
 ) -> pl.DataFrame:
     """rules.transform_patient for every row: the target fields, then ``_reason``/``_detail`` (NULL
     for a row that passes) and the content hash of the rows that pass. DUPLICATE_DOCUMENT is not
-    decided here (it needs the target), as in the reference."""
-    national_id = pl.col("documento").fill_null("").str.replace_all("[^0-9A-Za-z]", "").str.to_uppercase()
-    given, family = clean_text(pl.col("nombres")), clean_text(pl.col("apellidos"))
-    birth, unreal, out_of_range = _birth_date(pl.col("fecha_nacimiento"), today)
-    email = clean_text(pl.col("email")).fill_null("").str.to_lowercase()
+    decided here (it needs the target), as in the reference.
+
+    Computed in stages of intermediate columns (``_…``), so that every step — a regex, a date
+    parse — runs once per batch, however many rules read its result."""
+    c = pl.col
+    # Stage 1: the cleaned texts.
+    stage1 = rows.lazy().with_columns(
+        _collapsed(c("nombres")).alias("_given"),
+        _collapsed(c("apellidos")).alias("_family"),
+        _collapsed(c("email")).alias("_email"),
+        _collapsed(c("tipo_documento")).alias("_doctype"),
+        strip_py(remove_nul(c("fecha_nacimiento")).fill_null("")).alias("_bd_text"),
+    )
+    # Stage 2: NULL for empty texts; the birth date parsed.
+    stage2 = stage1.with_columns(
+        _empty_to_null(c("_given")).alias("_given"),
+        _empty_to_null(c("_family")).alias("_family"),
+        _empty_to_null(c("_email")).fill_null("").str.to_lowercase().alias("_email"),
+        _empty_to_null(c("_doctype")).fill_null("").str.to_uppercase().alias("_doctype"),
+        _parsed_birth_date(c("_bd_text")).alias("_bd"),
+    )
+    unknown, unreal, out_of_range = _birth_date_checks(c("_bd_text"), c("_bd"), today)
+    stage3 = stage2.with_columns(
+        unreal.alias("_unreal"), out_of_range.alias("_out_of_range"), unknown.alias("_unknown")
+    )
+    national_id = c("documento").fill_null("").str.replace_all("[^0-9A-Za-z]", "").str.to_uppercase()
+    given, family, email, document_type = c("_given"), c("_family"), c("_email"), c("_doctype")
+    birth = pl.when(c("_unknown") | c("_unreal") | c("_out_of_range")).then(None).otherwise(c("_bd"))
     email_ok = (email.str.len_chars() <= rules.EMAIL_MAX_LENGTH) & email.str.contains(
         f"^{_NOT_SPACE_OR_AT}+@{_NOT_SPACE_OR_AT}+\\.{_NOT_SPACE_OR_AT}+$"
     )
-    phone_text = pl.col("telefono").fill_null("")
+    phone_text = c("telefono").fill_null("")
     digits = phone_text.str.replace_all("[^0-9]", "")
     plus = phone_text.str.extract(r"^([^0-9]*)", 1).str.contains("+", literal=True)
-    document_type = clean_text(pl.col("tipo_documento")).fill_null("").str.to_uppercase()
-    sex = strip_py(pl.col("sexo").fill_null("")).str.to_uppercase()
-    out = rows.lazy().select(
-        pl.col("sistema"),
-        pl.col("id").cast(pl.Int64).alias("legacy_id"),
+    sex = strip_py(c("sexo").fill_null("")).str.to_uppercase()
+    out = stage3.select(
+        c("sistema"),
+        c("id").cast(pl.Int64).alias("legacy_id"),
         national_id.alias("national_id"),
         pl.when(document_type.is_in(sorted(rules.DOCUMENT_TYPES))).then(document_type).alias("document_type"),
         given.alias("given_name"),
@@ -157,17 +205,17 @@ def transform_patients(
         sex.replace_strict(rules.SEX_CODES, default="unknown", return_dtype=pl.String).alias("sex"),
         pl.when(email_ok).then(email).alias("email"),
         pl.when(digits != "").then(pl.when(plus).then("+" + digits).otherwise(digits)).alias("phone"),
-        _practitioner(pl.col("profesional_id"), mapping).alias("practitioner_id"),
-        _utc(pl.col("actualizado_en")).alias("source_updated_at"),
-        unreal.alias("_unreal"),
-        out_of_range.alias("_out_of_range"),
+        _practitioner(c("profesional_id"), mapping).alias("practitioner_id"),
+        _utc(c("actualizado_en")).alias("source_updated_at"),
+        c("_unreal"),
+        c("_out_of_range"),
         (given.is_null() & family.is_null()).alias("_no_name"),
     )
     reason, detail = _first_problem(
-        (pl.col("national_id") == "", rules.MISSING_DOCUMENT, "document is empty after removing separators"),
-        (pl.col("_no_name"), rules.MISSING_NAME, "both given and family names are empty"),
-        (pl.col("_unreal"), rules.INVALID_BIRTH_DATE, "birth date is not a real date in a known format"),
-        (pl.col("_out_of_range"), rules.INVALID_BIRTH_DATE, "birth date is before 1900 or in the future"),
+        (c("national_id") == "", rules.MISSING_DOCUMENT, "document is empty after removing separators"),
+        (c("_no_name"), rules.MISSING_NAME, "both given and family names are empty"),
+        (c("_unreal"), rules.INVALID_BIRTH_DATE, "birth date is not a real date in a known format"),
+        (c("_out_of_range"), rules.INVALID_BIRTH_DATE, "birth date is before 1900 or in the future"),
         *_fits(rules.PATIENT_WIDTHS, PATIENT_FIELDS, ["legacy_id", "practitioner_id"]),
     )
     out = out.with_columns(reason.alias(REASON), detail.alias(DETAIL)).drop("_unreal", "_out_of_range", "_no_name")

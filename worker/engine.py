@@ -17,13 +17,13 @@ import resource
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
 import polars as pl
-from sqlalchemy import Connection, Engine, Table, and_, delete, func, or_, select
+from sqlalchemy import Connection, Engine, Table, and_, delete, func, not_, or_, select
 from sqlalchemy.exc import DBAPIError
 
 from worker import batch, locks, rules, schema, store
@@ -45,6 +45,7 @@ LEDGER_TYPES = {
 LOWEST = -(2**62)
 HIGHEST = 2**62
 ANALYZE_FIRST = 10_000
+LOOKUP_COLUMNS = {"patients": ("sistema", "legacy_id", "national_id"), "encounters": ("sistema", "legacy_id")}
 DUPLICATE_DETAIL = "a lower legacy id of the sistema holds the same document"
 SOURCES: dict[str, Table] = {"patients": schema.pacientes, "encounters": schema.atenciones}
 
@@ -201,6 +202,7 @@ class Migration:
             for conn in dict.fromkeys((state, target)):
                 stack.enter_context(locks.exclusive(conn, p.entity, p.sistema, self.lock_wait_seconds))
             source = stack.enter_context(self.legacy.connect())
+            store.prefer_index_lookups(target)
             self.book.close_interrupted_runs(state)
             checkpoint = None if p.dry_run else self.book.resumable_checkpoint(state)
             since = self.book.last_watermark(state) if p.mode == "incremental" else None
@@ -244,20 +246,17 @@ class Migration:
         self.delete_budget = int(migrated * p.max_delete_share)
         if migrated == 0:
             return
-        streamed = {"stream_results": True, "yield_per": 10_000}  # per statement: Connection options stick
-        ours = target.scalars(
-            select(t.c.legacy_id)
-            .where(t.c.sistema == p.sistema, t.c.legacy_id > after)
-            .order_by(t.c.legacy_id)
-            .execution_options(**streamed)
+        ours = store.frame_of(
+            target,
+            select(t.c.legacy_id).where(t.c.sistema == p.sistema, t.c.legacy_id > after),
+            {"legacy_id": pl.Int64},
         )
-        theirs = source.scalars(
-            select(s.c.id)
-            .where(s.c.sistema == p.sistema, s.c.eliminado == 0, s.c.id > after)
-            .order_by(s.c.id)
-            .execution_options(**streamed)
+        theirs = LegacyReader(self.legacy, p.entity, p.sistema, p.batch_size).frame(
+            select(s.c.id).where(s.c.sistema == p.sistema, s.c.eliminado == 0, s.c.id > after),
+            {"id": pl.Int64},
+            source,
         )
-        gone = sum(1 for _ in store.missing_from(ours, theirs))
+        gone = ours.filter(~pl.col("legacy_id").is_in(theirs["id"].implode())).height
         source.rollback()
         target.rollback()
         self._refuse_mass_delete(gone, migrated)
@@ -290,32 +289,55 @@ class Migration:
         last_report = time.monotonic()
         lo = after
         next_analyze = ANALYZE_FIRST
+        analyzed_at = self._writes(counts)
         reader = LegacyReader(self.legacy, self.params.entity, self.params.sistema, self.params.batch_size)
-        for rows in reader.pages(after, since):
-            hi = int(rows["id"][-1])
-            self._apply_batch(target, state, rows, mode, lo, hi, counts)
-            self._refuse_mass_delete(counts.deleted - deleted_before)
-            lo = hi
-            self.book.checkpoint(state, hi, counts.as_dict(), watermark, "running")
-            self._commit(target, state)
-            if counts.read - read_before >= next_analyze:  # at 10k, 20k, 40k … rows: O(log n) times
-                self._analyze(target, state)
-                next_analyze *= 2
-            if time.monotonic() - last_report >= 5:
-                self.progress(counts)
-                last_report = time.monotonic()
+        with ExitStack() as helpers:
+            # The §6 rules run on the reader thread, for the next page while this one is written
+            # (polars and the drivers release the GIL). The patients' need nothing of the target;
+            # the encounters' read the patients' ids through a connection of that thread alone.
+            prepare: Callable[[pl.DataFrame], pl.DataFrame] | None = None
+            if self.params.entity == "patients":
+                prepare = self._rules_of_page
+            elif self.target.dialect.name == "postgresql":
+                lookups = helpers.enter_context(self.target.connect())
+                prepare = lambda rows: self._rules_of_page(rows, lookups)  # noqa: E731
+            # Closed before the look-up connection, even when a batch fails: the reader thread
+            # is done with it by then.
+            pages = helpers.enter_context(closing(reader.pages(after, since, prepare)))
+            for rows, ruled in pages:
+                hi = int(rows["id"][-1])
+                self._apply_batch(target, state, rows, mode, lo, hi, counts, ruled)
+                self._refuse_mass_delete(counts.deleted - deleted_before)
+                lo = hi
+                self.book.checkpoint(state, hi, counts.as_dict(), watermark, "running")
+                self._commit(target, state)
+                if counts.read - read_before >= next_analyze:  # at 10k, 20k, 40k … rows: O(log n) times
+                    next_analyze *= 2
+                    if self._writes(counts) != analyzed_at:  # statistics only go stale by writes
+                        self._analyze(target, state)
+                        analyzed_at = self._writes(counts)
+                if time.monotonic() - last_report >= 5:
+                    self.progress(counts)
+                    last_report = time.monotonic()
         if mode == "full":  # the tail: target rows past the last eligible source row
             nothing = pl.DataFrame(schema=COLUMNS[self.params.entity].schema())
             self._apply_batch(target, state, nothing, mode, lo, HIGHEST, counts)
             self._refuse_mass_delete(counts.deleted - deleted_before)
         self.book.checkpoint(state, lo, counts.as_dict(), watermark, "done")
         self._commit(target, state)
-        self._analyze(target, state)  # the next entity looks this one up
+        if self._writes(counts) != analyzed_at:
+            self._analyze(target, state)  # the next entity looks this one up
         self.progress(counts)
 
+    @staticmethod
+    def _writes(counts: Counts) -> int:
+        return counts.inserted + counts.updated + counts.deleted
+
     def _analyze(self, target: Connection, state: Connection) -> None:
-        store.analyze(target, self.table)
-        store.analyze(state, schema.quarantine)  # cleared by range each batch; the ledger is only appended to
+        """Statistics of the columns the worker looks rows up by (the tables' sizes come with them)."""
+        store.analyze(target, self.table, LOOKUP_COLUMNS[self.params.entity])
+        # Cleared by range each batch; the ledger is only appended to.
+        store.analyze(state, schema.quarantine, ("entity", "partition_key", "legacy_id"))
         self._commit(target, state)
 
     def _commit(self, target: Connection, state: Connection) -> None:
@@ -344,15 +366,17 @@ class Migration:
         lo: int,
         hi: int,
         counts: Counts,
+        ruled: pl.DataFrame | None = None,
     ) -> None:
         """Apply one batch; a record whose value the target refuses is quarantined (INVALID_VALUE)
-        and the batch is decided again without it, so no single row can fail a batch."""
+        and the batch is decided again without it, so no single row can fail a batch. ``ruled``:
+        the §6 rules of the batch's rows if already applied (:meth:`_rules_of_page`)."""
         refused: dict[int, str] = {}
         while True:
             attempt = Counts()
             try:
                 with store.savepoint(target):
-                    outcome = self._apply_batch_once(target, rows, mode, lo, hi, attempt, refused)
+                    outcome = self._apply_batch_once(target, rows, mode, lo, hi, attempt, refused, ruled)
             except TargetRefused as problem:
                 found = store.refused_rows(target, self.table, KEY, problem.writes.to_dicts())
                 if not found:
@@ -363,15 +387,27 @@ class Migration:
                 continue
             break
         counts.add(attempt)
-        self._write_state(state, outcome, mode, lo, hi, rows["id"].to_list())
+        self._write_state(state, outcome, mode, lo, hi, rows["id"])
 
-    def _transform(self, target: Connection, eligible: pl.DataFrame) -> pl.DataFrame:
+    def _rules_of_page(self, rows: pl.DataFrame, lookups: Connection | None = None) -> pl.DataFrame:
+        """§6 for a page read (on the reader thread): patients need no database; encounters read
+        their patients' ids through ``lookups``, whose transaction ends with the look-up."""
+        eligible = rows.filter(pl.col("eliminado") == 0)
+        if lookups is None:
+            return self._transform(None, eligible)
+        try:
+            return self._transform(lookups, eligible)
+        finally:
+            lookups.rollback()
+
+    def _transform(self, target: Connection | None, eligible: pl.DataFrame) -> pl.DataFrame:
         """§6 for the batch (worker/batch.py): target fields, ``_reason``/``_detail``, content hash."""
         p = self.params
         if p.entity == "patients":
             return batch.transform_patients(eligible, today=self.today, mapping=p.mapping)
+        assert target is not None, "the encounters' rules look their patients up"
         pt = schema.patients
-        wanted = eligible["paciente_id"].drop_nulls().unique().to_list()
+        wanted = eligible["paciente_id"].drop_nulls().unique()
         ids = store.frame_of(
             target,
             select(pt.c.legacy_id, pt.c.id).where(
@@ -390,11 +426,14 @@ class Migration:
         hi: int,
         counts: Counts,
         refused: Mapping[int, str],
+        ruled: pl.DataFrame | None = None,
     ) -> Outcome:
         p = self.params
         t = self.table
         counts.read += rows.height
-        decided = self._transform(target, rows.filter(pl.col("eliminado") == 0))
+        if ruled is None:
+            ruled = self._transform(target, rows.filter(pl.col("eliminado") == 0))
+        decided = ruled
         if refused:  # a value the target refused is a rule broken, decided before duplicates
             hit = pl.col("legacy_id").is_in(list(refused))
             decided = decided.with_columns(
@@ -408,21 +447,24 @@ class Migration:
             scope = and_(t.c.legacy_id > lo, t.c.legacy_id <= hi)
             in_scope = (pl.col("legacy_id") > lo) & (pl.col("legacy_id") <= hi)
         else:  # the batch decides the ids it read
-            batch_ids = rows["id"].to_list()
+            batch_ids = rows["id"]
             scope = store.one_of(target, t.c.legacy_id, batch_ids)
-            in_scope = pl.col("legacy_id").is_in(batch_ids)
+            in_scope = pl.col("legacy_id").is_in(batch_ids.implode())
         outcome = Outcome()
+        # The target rows the batch decides (its range, or its ids); of patients, their documents too.
+        held = [t.c.national_id] if p.entity == "patients" else []
+        existing = store.frame_of(
+            target,
+            select(t.c.legacy_id, t.c.id, t.c.content_hash, *held).where(t.c.sistema == p.sistema, scope),
+            {"legacy_id": pl.Int64, "id": pl.Int64, "old_hash": pl.String} | {c.name: pl.String for c in held},
+        )
         if p.entity == "patients":
-            decided = self._decide_duplicates(target, decided, in_scope, outcome)
+            decided = self._decide_duplicates(target, decided, scope, in_scope, outcome, existing["national_id"])
+            existing = existing.drop("national_id")
         passing = decided.filter(pl.col(batch.REASON).is_null())
         failing = decided.filter(pl.col(batch.REASON).is_not_null())
         outcome.quarantined = failing.select(
             "legacy_id", pl.col(batch.REASON).alias("reason"), pl.col(batch.DETAIL).alias("detail")
-        )
-        existing = store.frame_of(
-            target,
-            select(t.c.legacy_id, t.c.id, t.c.content_hash).where(t.c.sistema == p.sistema, scope),
-            {"legacy_id": pl.Int64, "id": pl.Int64, "old_hash": pl.String},
         )
         now = utcnow()
         joined = passing.join(existing, on="legacy_id", how="left")
@@ -444,13 +486,12 @@ class Migration:
         entries: list[pl.DataFrame] = []
         if doomed:
             gone = store.previous_versions(target, t, doomed, delete_them=True)
-            entries.append(self._entries(gone, "deleted", None, now))
+            entries.append(self._entries(_versions(gone), "deleted", None, now))
             counts.deleted += len(gone)
         updated = changed.filter(pl.col("id").is_not_null())
         if updated.height:
             before = store.previous_versions(target, t, updated["id"].to_list(), delete_them=False)
-            new_hashes = dict(zip(updated["legacy_id"], updated[batch.HASH], strict=True))
-            entries.append(self._entries(before, "updated", new_hashes, now))
+            entries.append(self._entries(_versions(before), "updated", updated, now))
             counts.updated += updated.height
         writes = changed.select(
             *TARGET_COLUMNS[p.entity], pl.lit(p.run_id).alias("run_id"), pl.lit(now).alias("migrated_at")
@@ -463,38 +504,37 @@ class Migration:
             raise
         fresh = changed.filter(pl.col("id").is_null())
         if fresh.height:
-            ids = dict(written)
-            hashes = dict(zip(fresh["legacy_id"], fresh[batch.HASH], strict=True))
-            entries.append(self._entries([(i, ids[i], None) for i in hashes], "inserted", hashes, now))
+            inserted = fresh.select("legacy_id").join(written, on="legacy_id", how="left", maintain_order="left")
+            if inserted["id"].null_count():
+                raise RuntimeError("the target returned no id for an inserted record")
+            entries.append(self._entries(inserted, "inserted", fresh, now))
             counts.inserted += fresh.height
-        counts.quarantined.update(outcome.quarantined["reason"].to_list())
+        reasons = outcome.quarantined["reason"].value_counts()
+        counts.quarantined.update(dict(zip(reasons["reason"].to_list(), reasons["count"].to_list(), strict=True)))
         outcome.ledger = pl.concat(entries) if entries else None
         outcome.at = now
         return outcome
 
-    def _entries(
-        self, rows: Sequence[tuple[int, int, str | None]], action: str, hashes: Mapping[int, str] | None, now: datetime
-    ) -> pl.DataFrame:
-        """Ledger rows for ``(legacy_id, target id, previous JSON)`` triples."""
+    def _entries(self, rows: pl.DataFrame, action: str, hashes: pl.DataFrame | None, now: datetime) -> pl.DataFrame:
+        """Ledger rows, in the order of ``rows`` (``legacy_id``, target ``id``, ``previous`` JSON if
+        any), with the new content hash of each from ``hashes`` (by legacy id) if given."""
         p = self.params
-        legacy_ids = [r[0] for r in rows]
-        return pl.DataFrame(
-            {
-                "entity": p.entity,
-                "partition_key": p.sistema,
-                "legacy_id": legacy_ids,
-                "target_id": [str(r[1]) for r in rows],
-                "action": action,
-                "content_hash": [hashes[i] for i in legacy_ids] if hashes else [None] * len(rows),
-                "previous": [r[2] for r in rows],
-                "run_id": p.run_id,
-                "at": now,
-            },
-            schema=LEDGER_TYPES,
+        if hashes is not None:
+            rows = rows.join(hashes.select("legacy_id", batch.HASH), on="legacy_id", how="left", maintain_order="left")
+        return rows.select(
+            pl.lit(p.entity, pl.String).alias("entity"),
+            pl.lit(p.sistema, pl.String).alias("partition_key"),
+            pl.col("legacy_id").cast(pl.Int64),
+            pl.col("id").cast(pl.String).alias("target_id"),
+            pl.lit(action, pl.String).alias("action"),
+            (pl.col(batch.HASH) if hashes is not None else pl.lit(None)).cast(pl.String).alias("content_hash"),
+            (pl.col("previous") if "previous" in rows.columns else pl.lit(None)).cast(pl.String).alias("previous"),
+            pl.lit(p.run_id, pl.String).alias("run_id"),
+            pl.lit(now, LEDGER_TYPES["at"]).alias("at"),
         )
 
     def _write_state(
-        self, state: Connection, outcome: Outcome, mode: str, lo: int, hi: int, batch_ids: Sequence[int]
+        self, state: Connection, outcome: Outcome, mode: str, lo: int, hi: int, batch_ids: pl.Series
     ) -> None:
         """Ledger rows, and the quarantine as it now stands for the rows this batch covers."""
         p = self.params
@@ -535,24 +575,40 @@ class Migration:
         )
 
     def _decide_duplicates(
-        self, target: Connection, decided: pl.DataFrame, in_scope: pl.Expr, outcome: Outcome
+        self,
+        target: Connection,
+        decided: pl.DataFrame,
+        scope: Any,
+        in_scope: pl.Expr,
+        outcome: Outcome,
+        held_in_scope: pl.Series,
     ) -> pl.DataFrame:
         """DUPLICATE_DOCUMENT (rules.first_claim_wins): per national id, the lowest legacy id among the
-        batch's passing rows and the target rows outside the batch that hold it now."""
+        batch's passing rows and the target rows outside the batch that hold it now.
+        ``held_in_scope``: the documents the target rows of the batch's scope hold."""
         claims = decided.filter(pl.col(batch.REASON).is_null()).select("legacy_id", "national_id")
         if claims.height == 0:
             return decided
         t = self.table
         # Target rows this batch decides (its range, or its ids) hold nothing: they are about to
-        # be rewritten or deleted. Only rows outside the batch can already own a document.
-        holders = store.frame_of(
-            target,
-            select(t.c.legacy_id, t.c.id, t.c.national_id).where(
-                t.c.sistema == self.params.sistema,
-                store.one_of(target, t.c.national_id, claims["national_id"].unique().to_list()),
-            ),
-            {"legacy_id": pl.Int64, "id": pl.Int64, "national_id": pl.String},
-        ).filter(~in_scope)
+        # be rewritten or deleted. Only rows outside the batch can already own a document — and
+        # none owns one a row inside holds: a document has one holder at most in the sistema
+        # (a unique constraint, checked at every commit). So only the others are looked up.
+        claimed = claims["national_id"].unique()
+        unheld = claimed.filter(~claimed.is_in(held_in_scope.drop_nulls().implode()))
+        holder_types = {"legacy_id": pl.Int64, "id": pl.Int64, "national_id": pl.String}
+        if unheld.len() == 0:
+            holders = pl.DataFrame(schema=holder_types)
+        else:
+            holders = store.frame_of(
+                target,
+                select(t.c.legacy_id, t.c.id, t.c.national_id).where(
+                    t.c.sistema == self.params.sistema, store.one_of(target, t.c.national_id, unheld), not_(scope)
+                ),
+                holder_types,
+            ).filter(~in_scope)
+        if holders.height == 0 and claimed.len() == claims.height:
+            return decided  # every document claimed once, and held by no row outside: no loser, none evicted
         owners = (
             pl.concat([claims, holders.select("legacy_id", "national_id")])
             .group_by("national_id")
@@ -562,9 +618,16 @@ class Migration:
         evicted = holders.join(owners, on="national_id").filter(pl.col("legacy_id") != pl.col("owner"))
         outcome.evicted = evicted["id"].to_list()
         outcome.evicted_legacy = evicted["legacy_id"].to_list()
+        if losers.len() == 0:
+            return decided
         lost = pl.col("legacy_id").is_in(losers.implode())
         return decided.with_columns(
             pl.when(lost).then(pl.lit(rules.DUPLICATE_DOCUMENT)).otherwise(pl.col(batch.REASON)).alias(batch.REASON),
             pl.when(lost).then(pl.lit(DUPLICATE_DETAIL)).otherwise(pl.col(batch.DETAIL)).alias(batch.DETAIL),
             pl.when(lost).then(None).otherwise(pl.col(batch.HASH)).alias(batch.HASH),
         )
+
+
+def _versions(rows: Sequence[tuple[int, int, str]]) -> pl.DataFrame:
+    """:func:`store.previous_versions` as a frame: ``legacy_id``, ``id``, ``previous``."""
+    return pl.DataFrame(rows, schema={"legacy_id": pl.Int64, "id": pl.Int64, "previous": pl.String}, orient="row")

@@ -12,14 +12,14 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
 import polars as pl
-from sqlalchemy import Engine, String, Table, cast, select
+from sqlalchemy import Connection, Engine, String, Table, cast, select
 from sqlalchemy.engine import make_url
 
 from worker import schema
@@ -102,9 +102,9 @@ class LegacyReader:
             return query.where(t.c.eliminado == 0)
         return query.where(t.c.actualizado_en >= since.replace(tzinfo=None))
 
-    def _fetch(self, after: int, since: datetime | None) -> pl.DataFrame:
-        query = self._query(after, since)
-        types = {n: (pl.String if n in self.columns.datetimes else kind) for n, kind in self.columns.schema().items()}
+    def frame(self, query: Any, types: dict[str, Any], conn: Connection | None = None) -> pl.DataFrame:
+        """The rows of a query of integer/string columns as a polars frame: through connectorx
+        (Arrow, no Python per row) from MariaDB/MySQL, else through ``conn`` (or a new connection)."""
         if self.url is not None:
             import connectorx
 
@@ -112,15 +112,28 @@ class LegacyReader:
             sql = str(query.compile(self.engine, compile_kwargs={"literal_binds": True}))
             frame = pl.from_arrow(connectorx.read_sql(self.url, sql, return_type="arrow"))
             assert isinstance(frame, pl.DataFrame)
-            frame = frame.cast(types) if frame.height else pl.DataFrame(schema=types)
-        else:
-            with self.engine.connect() as conn:
-                frame = pl.DataFrame(conn.execute(query).all(), schema=types, orient="row")
+            return frame.cast(types) if frame.height else pl.DataFrame(schema=types)
+        if conn is not None:
+            return pl.DataFrame(conn.execute(query).all(), schema=types, orient="row")
+        with self.engine.connect() as own:
+            return pl.DataFrame(own.execute(query).all(), schema=types, orient="row")
+
+    def _fetch(self, after: int, since: datetime | None) -> pl.DataFrame:
+        query = self._query(after, since)
+        types = {n: (pl.String if n in self.columns.datetimes else kind) for n, kind in self.columns.schema().items()}
+        frame = self.frame(query, types)
         return frame.with_columns(legacy_datetime(pl.col(n)).alias(n) for n in self.columns.datetimes)
 
-    def pages(self, after: int, since: datetime | None = None) -> Iterator[pl.DataFrame]:
-        """Every page after legacy id ``after``, fetched one ahead on a reader thread."""
-        ahead: queue.Queue[pl.DataFrame | BaseException | None] = queue.Queue(maxsize=1)
+    def pages(
+        self,
+        after: int,
+        since: datetime | None = None,
+        prepare: Callable[[pl.DataFrame], Any] | None = None,
+    ) -> Iterator[tuple[pl.DataFrame, Any]]:
+        """Every page after legacy id ``after``, fetched one ahead on a reader thread, with what
+        ``prepare`` (a pure function of the page, e.g. the §6 rules) makes of it on that thread —
+        while the consumer writes the page before — or None."""
+        ahead: queue.Queue[tuple[pl.DataFrame, Any] | BaseException | None] = queue.Queue(maxsize=1)
         stop = threading.Event()
 
         def read() -> None:
@@ -130,7 +143,7 @@ class LegacyReader:
                     frame = self._fetch(last, since)
                     if frame.height == 0:
                         break
-                    ahead.put(frame)
+                    ahead.put((frame, prepare(frame) if prepare is not None else None))
                     last = int(frame["id"][-1])
                     if frame.height < self.page:
                         break

@@ -14,7 +14,7 @@ from contextlib import AbstractContextManager, nullcontext
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Connection, Table, insert
+from sqlalchemy import JSON, Connection, Table, func, insert, select
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 
@@ -114,12 +114,22 @@ def upsert_rows(
     return [tuple(r) for r in result.all()] if returning else []
 
 
-def analyze(conn: Connection, *tables: Table) -> None:
+def analyze(conn: Connection, table: Table, columns: Sequence[str] = ()) -> None:
     """Refresh PostgreSQL's planner statistics: a table that grew from nothing inside one run is
-    still 'empty' to the planner until autovacuum gets to it, and its lookups turn into scans."""
+    still 'empty' to the planner until autovacuum gets to it, and its lookups turn into scans.
+    ``columns``: only those columns' statistics (the table's size is refreshed all the same)."""
     if conn.dialect.name == "postgresql":
-        for table in tables:
-            conn.exec_driver_sql(f"ANALYZE {qualified_name(conn, table)}")
+        listed = f" ({_names(columns)})" if columns else ""
+        conn.exec_driver_sql(f"ANALYZE {qualified_name(conn, table)}{listed}")
+
+
+def prefer_index_lookups(conn: Connection) -> None:
+    """Price random reads as the cached, SSD-backed reads they are (PostgreSQL, this session only).
+    With the default (4, for spinning disks) the planner answers a batch's look-up of a few thousand
+    documents (``= ANY(array)``) by scanning the whole table: a cost that grows with every batch."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SET random_page_cost = 1.1")
+        conn.commit()
 
 
 def savepoint(conn: Connection) -> AbstractContextManager[Any]:
@@ -191,22 +201,63 @@ def missing_from(ours: Iterable[int], theirs: Iterable[int]) -> Iterator[int]:
 # --- frames (the fast path) --------------------------------------------------------------------
 
 
-def one_of(conn: Connection, column: Any, values: Sequence[Any]) -> Any:
-    """``column`` is one of ``values``: ``= ANY(array)`` on PostgreSQL (one parameter, one plan),
-    ``IN (…)`` elsewhere."""
+def one_of(conn: Connection, column: Any, values: Any) -> Any:
+    """``column`` is one of ``values`` (a sequence or a polars Series, no NULLs): ``= ANY(array)`` on
+    PostgreSQL (one parameter, one plan), ``IN (…)`` elsewhere. The array travels as one text
+    parameter in PostgreSQL's array syntax, built without Python per value."""
     if conn.dialect.name == "postgresql":
-        from sqlalchemy import any_, bindparam
+        from sqlalchemy import any_, bindparam, cast
         from sqlalchemy.dialects.postgresql import ARRAY
+        from sqlalchemy.types import NullType
 
-        return column == any_(bindparam(None, list(values), type_=ARRAY(column.type)))
-    return column.in_(list(values))
+        # An untyped parameter cast to the array type: PostgreSQL parses it once, into a constant
+        # (a text parameter cast at run time would be parsed again for every row a scan filters).
+        return column == any_(cast(bindparam(None, array_literal(values), type_=NullType()), ARRAY(column.type)))
+    return column.in_(values.to_list() if hasattr(values, "to_list") else list(values))
+
+
+def array_literal(values: Any) -> str:
+    """``values`` (integers or strings, no NULLs) as a PostgreSQL array literal: ``{1,2}``, ``{"a","b"}``."""
+    import polars as pl
+
+    series = values if isinstance(values, pl.Series) else pl.Series(list(values))
+    if series.dtype == pl.Null or series.len() == 0:
+        return "{}"
+    if series.dtype.is_integer():
+        return "{" + series.cast(pl.String).str.join(",").item() + "}"
+    if series.dtype != pl.String:
+        raise TypeError(f"no array literal for a {series.dtype} column")
+    quoted = series.str.replace_all("\\", "\\\\", literal=True).str.replace_all('"', '\\"', literal=True)
+    return "{" + ('"' + quoted + '"').str.join(",").item() + "}"
 
 
 def frame_of(conn: Connection, statement: Any, types: Mapping[str, Any]) -> Any:
-    """The rows of ``statement`` as a polars frame with the given column types."""
+    """The rows of ``statement`` as a polars frame with the given column types (integers and
+    strings), in the order of its columns. On PostgreSQL the server folds the rows into one CSV text
+    (``string_agg``) that polars parses: one value crosses to Python, not one object per row."""
     import polars as pl
 
-    return pl.DataFrame(conn.execute(statement).all(), schema=dict(types), orient="row")
+    if conn.dialect.name != "postgresql":
+        return pl.DataFrame(conn.execute(statement).all(), schema=dict(types), orient="row")
+    translate = conn.get_execution_options().get("schema_translate_map")
+    translated = {"schema_translate_map": translate, "render_schema_translate": True} if translate else {}
+    compiled = statement.compile(dialect=conn.dialect, **translated)
+    fields = []
+    for i, kind in enumerate(types.values()):
+        if kind == pl.String:  # quoted, quotes doubled; NULL stays an unquoted empty field
+            fields.append(f"""coalesce('"' || replace(q.c{i}::text, '"', '""') || '"', '')""")
+        elif kind.is_integer():
+            fields.append(f"coalesce(q.c{i}::text, '')")
+        else:
+            raise TypeError(f"frame_of reads integer and string columns, not {kind}")
+    # A leading constant field: no line is ever empty (a lone NULL would be), which CSV readers skip.
+    line = " || ',' || ".join(["'0'", *fields])
+    aliases = ", ".join(f"c{i}" for i in range(len(types)))
+    sql = f"SELECT string_agg({line}, E'\\n') FROM ({compiled}) AS q({aliases})"
+    text = conn.exec_driver_sql(sql, compiled.params).scalar()
+    if not text:
+        return pl.DataFrame(schema=dict(types))
+    return pl.read_csv(text.encode(), has_header=False, schema={"_": pl.Int8, **types}).drop("_")
 
 
 def copy_frame(conn: Connection, table: Table, frame: Any) -> None:
@@ -242,26 +293,33 @@ def _copy_csv(conn: Connection, qualified: str, frame: Any) -> None:
         copy.write(buffer.getbuffer())
 
 
-def upsert_frame(
-    conn: Connection, table: Table, key: Sequence[str], frame: Any, *, fresh: bool
-) -> list[tuple[Any, ...]]:
-    """Insert or overwrite a frame's rows by ``key``; return ``(legacy_id, id)`` of every row written.
+def upsert_frame(conn: Connection, table: Table, key: Sequence[str], frame: Any, *, fresh: bool) -> Any:
+    """Insert or overwrite a frame's rows by ``key``; return ``legacy_id``, ``id`` of every row
+    written (a polars frame).
 
     ``fresh``: none of the rows exists yet (their range of the target is empty), so they are copied
     straight into the table, without a staging table or ON CONFLICT."""
+    import polars as pl
+
+    types = {"legacy_id": pl.Int64, "id": pl.Int64}
     if frame.height == 0:
-        return []
+        return pl.DataFrame(schema=types)
     if conn.dialect.name != "postgresql":
-        return upsert_rows(conn, table, key, frame.to_dicts(), returning=("legacy_id", "id"))
+        written = upsert_rows(conn, table, key, frame.to_dicts(), returning=("legacy_id", "id"))
+        return pl.DataFrame(written, schema=types, orient="row")
     target = qualified_name(conn, table)
     names = _names(frame.columns)
     if fresh:
-        _copy_csv(conn, target, frame)
-        result = conn.exec_driver_sql(
-            f'SELECT "legacy_id", "id" FROM {target} WHERE "sistema" = %(s)s AND "legacy_id" = ANY(%(ids)s)',
-            {"s": frame["sistema"][0], "ids": frame["legacy_id"].to_list()},
+        # The ids are drawn from the table's sequence up front, in the frame's order (as the
+        # column default would draw them), and copied with the rows: nothing to read back.
+        sequence = func.pg_get_serial_sequence(target, "id")
+        drawn = frame_of(
+            conn, select(func.nextval(sequence)).select_from(func.generate_series(1, frame.height)), {"id": pl.Int64}
         )
-        return [tuple(r) for r in result.all()]
+        if drawn.height != frame.height:
+            raise RuntimeError("the target's id sequence gave fewer ids than rows")
+        _copy_csv(conn, target, pl.concat([drawn, frame], how="horizontal"))
+        return pl.DataFrame({"legacy_id": frame["legacy_id"], "id": drawn["id"]}, schema=types)
     stage = f"stage_{table.name}"
     conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {stage} AS SELECT {names} FROM {target} WITH NO DATA")
     conn.exec_driver_sql(f"TRUNCATE {stage}")
@@ -271,7 +329,7 @@ def upsert_frame(
         f"INSERT INTO {target} ({names}) SELECT {names} FROM {stage} "
         f'ON CONFLICT ({_names(key)}) DO UPDATE SET {updates} RETURNING "legacy_id", "id"'
     )
-    return [tuple(r) for r in result.all()]
+    return pl.DataFrame(result.all(), schema=types, orient="row")
 
 
 def previous_versions(
