@@ -45,7 +45,7 @@ def test_good_parameters_pass_and_build_a_quoted_argv() -> None:
     params = validate(replace(GOOD, pract_source=12, pract_target=900, dry_run=True, mode="incremental"))
     assert params.worker_argv() == [
         "migrate", "--entity", "patients", "--sistema", "HSJ", "--usuario", "ana.maria@x-y", "--run-id", "r-1",
-        "--mode", "incremental", "--batch-size", "8000", "--max-delete-share", "0.1",
+        "--mode", "incremental", "--batch-size", "2000", "--max-delete-share", "0.1",
         "--pract-source", "12", "--pract-target", "900", "--dry-run",
     ]  # fmt: skip
 
