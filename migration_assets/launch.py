@@ -18,7 +18,8 @@ Nothing here imports the definitions: the daemon and the webserver load this mod
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from dagster import (
@@ -30,7 +31,7 @@ from dagster import (
 )
 
 from resources.errors import Category, MigrationError
-from worker.params import shard_problem, sistema_problem, usuario_problem
+from worker.params import InvalidParameters, shard_problem, sistema_problem, usuario_problem
 
 KIND_TAG = "migration/kind"
 USUARIO_TAG = "migration/usuario"
@@ -111,6 +112,18 @@ class MigrationRunCoordinator(QueuedRunCoordinator):
             assert refreshed is not None
             context = SubmitRunContext(refreshed, context.workspace)
         return super().submit_run(context)
+
+
+@contextmanager
+def refused_before_start() -> Iterator[None]:
+    """Bad parameters, or a run the queue's limits cannot hold: a one-line ``VALIDATION_ERROR`` failure
+    (never retried, no stack trace) before anything connects. Shared by every migration asset."""
+    try:
+        yield
+    except InvalidParameters as problem:
+        raise MigrationError(Category.VALIDATION_ERROR, str(problem)).as_failure() from None
+    except MigrationError as problem:
+        raise problem.as_failure() from None
 
 
 def require_queued(context: AssetExecutionContext, usuario: str) -> None:

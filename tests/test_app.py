@@ -106,6 +106,22 @@ def setup(postgres_url: str, tmp_path: Path, firestore_emulator: str, firestore_
     yield Setup(postgres_url, tmp_path, firestore_emulator, firestore_project)
 
 
+def assert_resumed_run_is_whole(setup: Setup, shard: str) -> dict[int, dict[str, Any]]:
+    """After a killed run and its resumption: every file where it was built to end, and each
+    document's insert in the ledger exactly once. Returns the documents."""
+    documents = setup.documents("files", shard)
+    assert {**{i: MIGRATED for i in documents}, **setup.quarantine("files", shard)} == setup.expected_fates(
+        "files", shard
+    )
+    ledger = schema.ledger
+    with setup.state.connect() as conn:
+        inserted = Counter(
+            conn.scalars(select(ledger.c.legacy_id).where(ledger.c.entity == "files", ledger.c.action == "inserted"))
+        )
+    assert set(inserted) == set(documents) and max(inserted.values()) == 1
+    return documents
+
+
 def busiest_shard(tally: AppTally) -> str:
     """The shard with the most quarantine cases, so one shard shows many reasons."""
     scores = {
@@ -209,16 +225,7 @@ def test_a_killed_run_resumes_without_duplicates_or_gaps(setup: Setup) -> None:
         setup.run("files", shard, "killed", writer=FailingWriter(setup.firestore.writer(), 2), batch_size=3)
     result = setup.run("files", shard, "resumed", batch_size=3)
     assert result.resumed_from == "killed"
-    expected = setup.expected_fates("files", shard)
-    documents = setup.documents("files", shard)
-    assert {**{i: MIGRATED for i in documents}, **setup.quarantine("files", shard)} == expected
-    ledger = schema.ledger
-    with setup.state.connect() as conn:
-        rows = conn.execute(
-            select(ledger.c.legacy_id, ledger.c.action).where(ledger.c.entity == "files", ledger.c.action == "inserted")
-        ).all()
-    inserted = Counter(legacy_id for legacy_id, _ in rows)
-    assert set(inserted) == set(documents) and max(inserted.values()) == 1  # each document's insert, once
+    assert_resumed_run_is_whole(setup, shard)
 
 
 def test_full_run_deletes_documents_whose_source_is_gone_and_the_guard_holds(setup: Setup) -> None:
@@ -405,14 +412,6 @@ def test_a_process_killed_with_sigkill_mid_run_resumes_without_duplicates_or_gap
     assert process.wait(timeout=30) == -signal.SIGKILL
     result = setup.run("files", shard, "resumed", batch_size=2)
     assert result.resumed_from == "killed"
-    expected = setup.expected_fates("files", shard)
-    documents = setup.documents("files", shard)
-    assert {**{i: MIGRATED for i in documents}, **setup.quarantine("files", shard)} == expected
-    ledger = schema.ledger
-    with setup.state.connect() as conn:
-        inserted = Counter(
-            conn.scalars(select(ledger.c.legacy_id).where(ledger.c.entity == "files", ledger.c.action == "inserted"))
-        )
-    assert set(inserted) == set(documents) and max(inserted.values()) == 1
+    documents = assert_resumed_run_is_whole(setup, shard)
     for document in documents.values():  # every blob in place, whole
         assert setup.blobs.sha256(app_rules.blob_key(document["user_id"], document["file_id"])) == document["sha256"]

@@ -17,12 +17,11 @@ from pydantic import Field
 
 from migration_assets.app.migrate import DEFAULT_BATCH_SIZE, AppMigration, AppRunParameters, validate_app
 from migration_assets.clinical.assets import MIGRATION_RETRY
-from migration_assets.launch import require_queued
+from migration_assets.launch import refused_before_start, require_queued
 from migration_assets.partitions import app_shards
 from resources.errors import Category, MigrationError
 from resources.firestore import RETRYABLE, PartialCommit
 from worker.failures import CONNECTION_ERROR, category_of, failure_line
-from worker.params import InvalidParameters
 
 
 class AppMigrationConfig(Config):
@@ -75,7 +74,7 @@ def app_asset(entity: str, description: str, deps: Sequence[AssetsDefinition] = 
     )
     def migrate(context: AssetExecutionContext, config: AppMigrationConfig) -> MaterializeResult:
         resources = context.resources
-        try:
+        with refused_before_start():
             require_queued(context, config.usuario)
             params = validate_app(
                 AppRunParameters(
@@ -90,10 +89,6 @@ def app_asset(entity: str, description: str, deps: Sequence[AssetsDefinition] = 
                     max_delete_share=resources.policy.max_delete_share,
                 )
             )
-        except InvalidParameters as problem:
-            raise MigrationError(Category.VALIDATION_ERROR, str(problem)).as_failure() from None
-        except MigrationError as problem:
-            raise problem.as_failure() from None
 
         def progress(counts: Any) -> None:
             context.log.info(f"progress: {json.dumps(counts.as_dict(), sort_keys=True)}")

@@ -12,13 +12,13 @@ from typing import Any, Literal
 from dagster import AssetExecutionContext, AssetsDefinition, Backoff, Config, RetryPolicy, asset
 from pydantic import Field
 
-from migration_assets.launch import require_queued
+from migration_assets.launch import refused_before_start, require_queued
 from migration_assets.partitions import sistemas_partitions
 from resources.databases import DatabaseResource
-from resources.errors import Category, MigrationError
+from resources.errors import MigrationError
 from resources.policy import MigrationPolicy
 from resources.worker import WorkerResource
-from worker.params import DEFAULT_BATCH_SIZE, InvalidParameters, RunParameters, validate
+from worker.params import DEFAULT_BATCH_SIZE, RunParameters, validate
 
 # Connection and timeout failures get 3 attempts in all (retries after 2 s, 4 s); others fail at once.
 MIGRATION_RETRY = RetryPolicy(max_retries=2, delay=2, backoff=Backoff.EXPONENTIAL)
@@ -45,7 +45,7 @@ def run_parameters(
     context: AssetExecutionContext, entity: str, config: MigrationConfig, policy: MigrationPolicy
 ) -> RunParameters:
     """The worker's parameters, or a VALIDATION_ERROR failure that no retry repeats."""
-    try:
+    with refused_before_start():
         require_queued(context, config.usuario)
         return validate(
             RunParameters(
@@ -62,10 +62,6 @@ def run_parameters(
                 max_delete_share=policy.max_delete_share,
             )
         )
-    except InvalidParameters as problem:
-        raise MigrationError(Category.VALIDATION_ERROR, str(problem)).as_failure() from None
-    except MigrationError as problem:
-        raise problem.as_failure() from None
 
 
 def clinical_asset(entity: str, description: str, deps: Sequence[AssetsDefinition] = ()) -> AssetsDefinition:
