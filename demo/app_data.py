@@ -42,7 +42,7 @@ from sqlalchemy import Engine, create_engine, insert, text
 from worker import app_rules, django_schema, rules
 
 MIGRATED = "MIGRATED"
-ENTITIES = ("users", "files", "filters")
+ENTITIES = tuple(app_rules.APP_ENTITIES)
 MIN_USERS = 16
 SECRET_NAME = "secret.csv"
 SECRET_CONTENT = b"account,password\nroot,this file is outside MEDIA_ROOT and must never be migrated\n"
@@ -168,10 +168,16 @@ class AppTally:
         default_factory=lambda: {entity: {shard: Counter() for shard in range(app_rules.SHARDS)} for entity in ENTITIES}
     )
     outcomes: dict[str, dict[int, str]] = field(default_factory=lambda: {entity: {} for entity in ENTITIES})
+    shards: dict[str, dict[int, int]] = field(default_factory=lambda: {entity: {} for entity in ENTITIES})
 
     def add(self, entity: str, legacy_id: int, shard: int, fate: str) -> None:
         self.fates[entity][shard][fate] += 1
         self.outcomes[entity][legacy_id] = fate
+        self.shards[entity][legacy_id] = shard
+
+    def fates_in(self, entity: str, shard: int) -> dict[int, str]:
+        """Each record of one shard of one entity, by legacy id: the fate it was built to have."""
+        return {i: fate for i, fate in self.outcomes[entity].items() if self.shards[entity][i] == shard}
 
     @staticmethod
     def _summary(fates: Counter[str]) -> dict[str, Any]:

@@ -21,9 +21,9 @@ from migration_assets.partitions import app_shards, sistemas_partitions
 from resources import firestore_from_env, worker_from_env
 from resources.databases import DatabaseResource
 from worker import schema
+from worker.app_rules import APP_ENTITIES
 
 ENTITIES = ("patients", "encounters")
-APP_ENTITIES = ("users", "files", "filters")
 
 
 def summary_table(rows: list[PartitionCounts]) -> str:

@@ -31,6 +31,7 @@ from dagster import (
 )
 
 from resources.errors import Category, MigrationError
+from worker.app_rules import APP_ENTITIES
 from worker.params import InvalidParameters, shard_problem, sistema_problem, usuario_problem
 
 KIND_TAG = "migration/kind"
@@ -40,7 +41,7 @@ RANGE_TAG = "dagster/asset_partition_range_start"
 MIGRATION = "migration"
 # Migration assets and how their partition keys are checked (the registry's clinical and app entities).
 CLINICAL_ASSETS = frozenset({"patients", "encounters"})
-APP_ASSETS = frozenset({"users", "files", "filters"})
+APP_ASSETS = frozenset(APP_ENTITIES)
 MIGRATION_ASSETS = CLINICAL_ASSETS | APP_ASSETS
 HOW_TO_LAUNCH = (
     "launch it from the UI (a job's launchpad, an asset page or a backfill) or with "

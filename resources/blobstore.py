@@ -51,11 +51,6 @@ class CopyResult:
     sha256: str
 
 
-def blob_key(user_id: int, file_id: str) -> str:
-    """``files/{user_id}/{file_id}`` — the key of a file's content (DESIGN §5)."""
-    return f"files/{int(user_id)}/{uuid.UUID(str(file_id))}"
-
-
 def _check_key(key: str) -> str:
     if not isinstance(key, str) or not _KEY.match(key):
         raise ValueError("blob key must be relative '/'-separated names of letters, digits, '.', '_' and '-'")

@@ -2,8 +2,9 @@
 
 A file's path is legacy data. Before anything is opened it is checked twice:
 
-1. lexically (:func:`lexical_problem`): no absolute path, no ``..``/``.``/empty part, no NUL — with ``\\``
-   treated as a separator too, so a Windows-style ``a\\..\\b`` cannot slip through;
+1. lexically (:func:`worker.app_rules.unsafe_path_problem`, the §6 rule itself): no absolute path,
+   no ``..``/``.``/empty part, no NUL — with ``\\`` treated as a separator too,
+   so a Windows-style ``a\\..\\b`` cannot slip through;
 2. on the host: the path is resolved with every symlink followed (``os.path.realpath`` locally,
    ``SFTPClient.normalize`` — the server's ``realpath`` — over SFTP) and must stay under the resolved root,
    and name a regular file. A symlink (to a file or a directory, at any level) that leads outside the root is
@@ -32,9 +33,7 @@ if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
     from resources.ssh import SSHResource
-
-MAX_PATH_BYTES = 4096
-_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
+from worker.app_rules import unsafe_path_problem
 
 
 class MediaError(Exception):
@@ -74,32 +73,8 @@ class MediaSource(Protocol):
     def close(self) -> None: ...
 
 
-def lexical_problem(relative_path: str) -> str | None:
-    """Why this path is unsafe on its face (the reason, not the path), or ``None``. Pure: touches no file."""
-    if not isinstance(relative_path, str):
-        return "path is not text"
-    if relative_path.strip() == "":
-        return "path is empty"
-    if "\x00" in relative_path:
-        return "path contains a NUL character"
-    try:
-        size = len(relative_path.encode("utf-8"))
-    except UnicodeEncodeError:
-        return "path is not valid UTF-8 text"
-    if size > MAX_PATH_BYTES:
-        return "path is too long"
-    if relative_path[0] in "/\\" or _WINDOWS_DRIVE.match(relative_path):
-        return "path is absolute"
-    parts = re.split(r"[/\\]", relative_path)
-    if any(part == ".." for part in parts):
-        return "path has a '..' part"
-    if any(part in ("", ".") for part in parts):
-        return "path has an empty or '.' part"
-    return None
-
-
 def _check_lexically(relative_path: str) -> None:
-    problem = lexical_problem(relative_path)
+    problem = unsafe_path_problem(relative_path)
     if problem is not None:
         raise UnsafePath(problem)
 

@@ -86,19 +86,7 @@ class Setup:
             return int(conn.scalar(select(func.count()).select_from(ledger).where(ledger.c.run_id == run_id)) or 0)
 
     def expected_fates(self, entity: str, shard: str) -> dict[int, str]:
-        n = app_rules.shard_number(shard)
-        return {
-            legacy_id: fate
-            for legacy_id, fate in self.tally.outcomes[entity].items()
-            if self._shard_of(entity, legacy_id) == n
-        }
-
-    def _shard_of(self, entity: str, legacy_id: int) -> int:
-        table = {"users": "auth_user", "files": "list_cutter_savedfile", "filters": "list_cutter_savedfilter"}[entity]
-        with self.django.connect() as conn:
-            column = "id" if entity == "users" else "user_id"
-            value = conn.exec_driver_sql(f"SELECT {column} FROM {table} WHERE id = {int(legacy_id)}").scalar()
-        return app_rules.shard_of(value)
+        return self.tally.fates_in(entity, app_rules.shard_number(shard))
 
 
 @pytest.fixture

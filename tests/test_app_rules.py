@@ -236,6 +236,8 @@ def test_file_of_a_user_not_migrated_is_orphan_user() -> None:
         "",
         None,
         "uploads/a\x00.csv",
+        "uploads/./a.csv",  # an empty or '.' part: refused too, so no spelling of a path is ambiguous
+        "uploads//a.csv",
     ],
 )
 def test_unsafe_paths_are_refused(path: str | None) -> None:
@@ -244,7 +246,7 @@ def test_unsafe_paths_are_refused(path: str | None) -> None:
     assert not path or path not in problem.detail
 
 
-@pytest.mark.parametrize("path", ["uploads/42/a.csv", "uploads/./a.csv", "a..b/..c.csv", "uploads/報告 2024.csv", "x"])
+@pytest.mark.parametrize("path", ["uploads/42/a.csv", "a..b/..c.csv", "uploads/報告 2024.csv", "x"])
 def test_safe_paths_pass_unchanged(path: str) -> None:
     assert app_rules.require_safe_path(path) == path
 

@@ -27,7 +27,7 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from demo.sshd import SSHServer
-from resources.blobstore import BlobStore, ChecksumMismatch, blob_key, copy_blob, hash_source, read_ahead
+from resources.blobstore import BlobStore, ChecksumMismatch, copy_blob, hash_source, read_ahead
 from resources.errors import Category, MigrationError
 from resources.media import (
     LARGE_READ,
@@ -38,11 +38,11 @@ from resources.media import (
     MissingBlob,
     SFTPMediaSource,
     UnsafePath,
-    lexical_problem,
     read_request_bytes,
 )
 from resources.ssh import SSHResource
 from tests.conftest import unavailable
+from worker.app_rules import blob_key, unsafe_path_problem
 
 MiB = 1024 * 1024
 SFTP_SERVER_BINARY = "/usr/lib/openssh/sftp-server"
@@ -55,12 +55,12 @@ CONTENT = b"contenido del archivo\n" * 1000
 @pytest.mark.parametrize(
     ("path", "problem"),
     [
-        ("../x", "path has a '..' part"),
-        ("a/../../x", "path has a '..' part"),
-        ("a/..", "path has a '..' part"),
-        ("..", "path has a '..' part"),
-        ("a\\..\\b", "path has a '..' part"),
-        ("a/..\\..\\x", "path has a '..' part"),
+        ("../x", "path climbs to a parent folder"),
+        ("a/../../x", "path climbs to a parent folder"),
+        ("a/..", "path climbs to a parent folder"),
+        ("..", "path climbs to a parent folder"),
+        ("a\\..\\b", "path climbs to a parent folder"),
+        ("a/..\\..\\x", "path climbs to a parent folder"),
         ("/etc/passwd", "path is absolute"),
         ("\\etc\\passwd", "path is absolute"),
         ("\\\\server\\share\\x", "path is absolute"),
@@ -79,18 +79,18 @@ CONTENT = b"contenido del archivo\n" * 1000
     ],
 )
 def test_lexically_unsafe_paths(path: str, problem: str) -> None:
-    assert lexical_problem(path) == problem
+    assert unsafe_path_problem(path) == problem
 
 
 @pytest.mark.parametrize(
     "path", ["a.txt", "uploads/2020/01/scan.png", "..a/b..", "a..b", "a/.hidden", "ñandú/informe final.pdf", "a-b_c"]
 )
 def test_lexically_safe_paths(path: str) -> None:
-    assert lexical_problem(path) is None
+    assert unsafe_path_problem(path) is None
 
 
 def test_lexical_problem_rejects_non_text() -> None:
-    assert lexical_problem(b"a.txt") == "path is not text"  # type: ignore[arg-type]
+    assert unsafe_path_problem(b"a.txt") == "path is not text"  # type: ignore[arg-type]
 
 
 # -- a media tree with traps outside the root ----------------------------------------------------------------
@@ -240,9 +240,9 @@ def test_reads_files_under_the_root(source: MediaSource, tree: MediaTree) -> Non
         ("dangling", None),
         ("loop_a", "path goes through a symlink that cannot be resolved safely"),
         ("inside_pipe", "path names a device, FIFO or socket, not a regular file"),
-        ("../outside/pipe", "path has a '..' part"),
-        ("docs/../../outside/pipe", "path has a '..' part"),
-        ("docs\\..\\..\\outside\\pipe", "path has a '..' part"),
+        ("../outside/pipe", "path climbs to a parent folder"),
+        ("docs/../../outside/pipe", "path climbs to a parent folder"),
+        ("docs\\..\\..\\outside\\pipe", "path climbs to a parent folder"),
         ("ABSOLUTE", "path is absolute"),
     ],
 )

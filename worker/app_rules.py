@@ -290,26 +290,44 @@ def require_user(user_migrated: bool) -> None:
         raise Quarantined(ORPHAN_USER, "user is not migrated in this shard")
 
 
-_DRIVE = re.compile(r"[A-Za-z]:")
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+MAX_PATH_BYTES = 4096
+
+
+def unsafe_path_problem(relative_path: str) -> str | None:
+    """Why this path is unsafe on its face (the reason, not the path), or ``None``. Pure: touches no file."""
+    if not isinstance(relative_path, str):
+        return "path is not text"
+    if relative_path.strip() == "":
+        return "path is empty"
+    if "\x00" in relative_path:
+        return "path contains a NUL character"
+    try:
+        size = len(relative_path.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "path is not valid UTF-8 text"
+    if size > MAX_PATH_BYTES:
+        return "path is too long"
+    if relative_path[0] in "/\\" or _DRIVE.match(relative_path):
+        return "path is absolute"
+    parts = re.split(r"[/\\]", relative_path)
+    if any(part == ".." for part in parts):
+        return "path climbs to a parent folder"
+    if any(part in ("", ".") for part in parts):
+        return "path has an empty or '.' part"
+    return None
 
 
 def require_safe_path(file_path: str | None) -> str:
-    """The lexical half of the UNSAFE_PATH rule: the path must be relative and climb nowhere.
-
-    Refused: empty; absolute ('/…', '\\…', 'C:…'); any '..' part, splitting on '/' and on '\\'
-    (a path written on Windows); U+0000 anywhere. Returns the path unchanged, to be joined under
-    MEDIA_ROOT. Symlinks leading outside the root can only be found by looking at the files:
-    the caller does that and reports them with the same reason.
-    """
-    if not file_path:
-        raise Quarantined(UNSAFE_PATH, "file path is empty")
-    if "\x00" in file_path:
-        raise Quarantined(UNSAFE_PATH, "file path contains U+0000")
-    if file_path.startswith(("/", "\\")) or _DRIVE.match(file_path):
-        raise Quarantined(UNSAFE_PATH, "file path is absolute")
-    if ".." in re.split(r"[/\\]", file_path):
-        raise Quarantined(UNSAFE_PATH, "file path climbs to a parent folder")
-    return file_path
+    """The lexical half of the UNSAFE_PATH rule (:func:`unsafe_path_problem`): relative, climbing
+    nowhere. Returns the path unchanged, to be joined under MEDIA_ROOT. Symlinks leading outside the
+    root can only be found by looking at the files: the media source does that, with the same reason."""
+    problem = unsafe_path_problem(file_path or "")
+    if problem is not None:
+        raise Quarantined(UNSAFE_PATH, problem)
+    return file_path  # type: ignore[return-value]
 
 
 def _recorded(value: str | None) -> str | None:

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from typing import Any
 
 import polars as pl
@@ -28,7 +28,7 @@ from sqlalchemy.exc import DBAPIError
 
 from worker import batch, locks, rules, schema, store
 from worker.params import RunParameters
-from worker.runbook import RunBook
+from worker.runbook import RunBook, utcnow
 from worker.source import COLUMNS, LegacyReader
 
 KEY = ("sistema", "legacy_id")
@@ -130,10 +130,6 @@ class Result:
             "rows_per_s": round(self.read_this_run / self.seconds, 1) if self.seconds > 0 else 0.0,
             "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class MassDeleteRefused(RuntimeError):

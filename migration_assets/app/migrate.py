@@ -43,8 +43,7 @@ from worker.engine import Counts, MassDeleteRefused, Result
 from worker.params import InvalidParameters, common_problems, shard_problem
 from worker.runbook import RunBook
 
-Entity = Literal["users", "files", "filters"]
-ENTITIES: tuple[str, ...] = ("users", "files", "filters")
+ENTITIES: tuple[str, ...] = tuple(app_rules.APP_ENTITIES)  # users, files, filters: the registry's order
 SOURCES = django_schema.SOURCES
 BACKUP_PREFIX = "previous"  # blobs a run overwrote or deleted: previous/{run_id}/files/{user_id}/{file_id}
 TIMESTAMP = "$timestamp"  # how a Firestore timestamp is kept in the ledger's JSON
@@ -319,11 +318,11 @@ class AppMigration:
                 quarantine.append(self._quarantine_row(decision, now))
                 if old is not None:  # once migrated, now refused: the document goes (kept in the ledger)
                     counts.deleted += 1
-                    backup = self._backup_key(old)
-                    if backup is not None:
-                        blob_deletions.append((self._blob_key(old), backup))
+                    move = self._blob_move(old)
+                    blob_deletions += [move] if move else []
                     writes.append(Write(path, None))
-                    ledger.append(self._ledger_row(decision.legacy_id, path, "deleted", None, previous, backup, now))
+                    kept = move[1] if move else None
+                    ledger.append(self._ledger_row(decision.legacy_id, path, "deleted", None, previous, kept, now))
                 continue
             digest = app_rules.document_hash(p.entity, decision.document)
             if old is not None and old.get("content_hash") == digest:
@@ -485,21 +484,23 @@ class AppMigration:
 
     # --- blobs a run overwrites or deletes -----------------------------------------------------
 
-    def _blob_key(self, document: Mapping[str, Any]) -> str:
-        return app_rules.blob_key(document["user_id"], document["file_id"])
+    def _kept_as(self, key: str) -> str:
+        """Where this run keeps a blob it overwrites or deletes (the ledger names it, for a rollback)."""
+        return f"{BACKUP_PREFIX}/{self.params.run_id}/{key}"
 
-    def _backup_key(self, document: Mapping[str, Any]) -> str | None:
-        """Where the blob of a file document about to be deleted is kept (None: not a file)."""
+    def _blob_move(self, document: Mapping[str, Any]) -> tuple[str, str] | None:
+        """A file document about to be deleted: its blob's key and where it is kept (None: not a file)."""
         if self.params.entity != "files":
             return None
-        return f"{BACKUP_PREFIX}/{self.params.run_id}/{self._blob_key(document)}"
+        key = app_rules.blob_key(document["user_id"], document["file_id"])
+        return key, self._kept_as(key)
 
     def _backup_blob(self, key: str) -> str | None:
         """Keep the blob at ``key`` before it is overwritten; its backup key, or None if none was there."""
         assert self.blobs is not None
         if self.blobs.stat(key) is None:
             return None
-        backup = f"{BACKUP_PREFIX}/{self.params.run_id}/{key}"
+        backup = self._kept_as(key)
         self.blobs.copy(key, backup)
         return backup
 
@@ -568,13 +569,13 @@ class AppMigration:
             moves = []
             ledger = []
             for path, data in batch:
-                backup = self._backup_key(data)
-                if backup is not None:
-                    moves.append((self._blob_key(data), backup))
+                move = self._blob_move(data)
+                moves += [move] if move else []
+                kept = move[1] if move else None
                 ledger.append(
-                    self._ledger_row(int(data["legacy_id"]), path, "deleted", None, to_ledger(data), backup, now)
+                    self._ledger_row(int(data["legacy_id"]), path, "deleted", None, to_ledger(data), kept, now)
                 )
-            state.execute(schema.ledger.insert(), ledger)
+            store.insert_rows(state, schema.ledger, ledger)
             state.commit()
             self._write(state, [Write(path, None) for path, _ in batch])
             self._move_blobs_away(moves)
