@@ -29,7 +29,7 @@ from sqlalchemy.exc import DBAPIError
 from worker import batch, locks, rules, schema, store
 from worker.params import RunParameters
 from worker.runbook import RunBook, utcnow
-from worker.source import COLUMNS, LegacyReader
+from worker.source import COLUMNS, LegacyReader, latest_update
 
 KEY = ("sistema", "legacy_id")
 TARGET_COLUMNS = {
@@ -45,6 +45,7 @@ LEDGER_TYPES = {
 LOWEST = -(2**62)
 HIGHEST = 2**62
 ANALYZE_FIRST = 10_000
+QUIET_CHECKPOINT_SECONDS = 2.0
 LOOKUP_COLUMNS = {"patients": ("sistema", "legacy_id", "national_id"), "encounters": ("sistema", "legacy_id")}
 DUPLICATE_DETAIL = "a lower legacy id of the sistema holds the same document"
 SOURCES: dict[str, Table] = {"patients": schema.pacientes, "encounters": schema.atenciones}
@@ -282,7 +283,7 @@ class Migration:
     ) -> None:
         read_before = counts.read
         deleted_before = counts.deleted
-        last_report = time.monotonic()
+        last_report = checkpointed = time.monotonic()
         lo = after
         next_analyze = ANALYZE_FIRST
         analyzed_at = self._writes(counts)
@@ -302,11 +303,15 @@ class Migration:
             pages = helpers.enter_context(closing(reader.pages(after, since, prepare)))
             for rows, ruled in pages:
                 hi = int(rows["id"][-1])
-                self._apply_batch(target, state, rows, mode, lo, hi, counts, ruled)
+                wrote = self._apply_batch(target, state, rows, mode, lo, hi, counts, ruled)
                 self._refuse_mass_delete(counts.deleted - deleted_before)
                 lo = hi
-                self.book.checkpoint(state, hi, counts.as_dict(), watermark, "running")
-                self._commit(target, state)
+                # A batch that wrote nothing (a re-run's) is checkpointed every few seconds, not
+                # every time: a run resumed from an earlier checkpoint redoes only unchanged batches.
+                if wrote or time.monotonic() - checkpointed >= QUIET_CHECKPOINT_SECONDS:
+                    self.book.checkpoint(state, hi, counts.as_dict(), watermark, "running")
+                    self._commit(target, state)
+                    checkpointed = time.monotonic()
                 if counts.read - read_before >= next_analyze:  # at 10k, 20k, 40k … rows: O(log n) times
                     next_analyze *= 2
                     if self._writes(counts) != analyzed_at:  # statistics only go stale by writes
@@ -346,8 +351,7 @@ class Migration:
     # --- source --------------------------------------------------------------------------
 
     def _source_watermark(self, source: Connection) -> datetime | None:
-        t = self.source
-        latest = source.scalar(select(func.max(t.c.actualizado_en)).where(t.c.sistema == self.params.sistema))
+        latest = latest_update(source, self.source, self.params.sistema)
         source.rollback()
         return rules.coerce_datetime(latest)
 
@@ -363,10 +367,11 @@ class Migration:
         hi: int,
         counts: Counts,
         ruled: pl.DataFrame | None = None,
-    ) -> None:
+    ) -> bool:
         """Apply one batch; a record whose value the target refuses is quarantined (INVALID_VALUE)
         and the batch is decided again without it, so no single row can fail a batch. ``ruled``:
-        the §6 rules of the batch's rows if already applied (:meth:`_rules_of_page`)."""
+        the §6 rules of the batch's rows if already applied (:meth:`_rules_of_page`). Returns
+        whether it wrote anything (target, ledger or quarantine)."""
         refused: dict[int, str] = {}
         while True:
             attempt = Counts()
@@ -383,7 +388,8 @@ class Migration:
                 continue
             break
         counts.add(attempt)
-        self._write_state(state, outcome, mode, lo, hi, rows["id"])
+        wrote_state = self._write_state(state, outcome, mode, lo, hi, rows["id"])
+        return wrote_state or self._writes(attempt) + attempt.rehashed > 0
 
     def _rules_of_page(self, rows: pl.DataFrame, lookups: Connection | None = None) -> pl.DataFrame:
         """§6 for a page read (on the reader thread): patients need no database; encounters read
@@ -531,8 +537,9 @@ class Migration:
 
     def _write_state(
         self, state: Connection, outcome: Outcome, mode: str, lo: int, hi: int, batch_ids: pl.Series
-    ) -> None:
-        """Ledger rows, and the quarantine as it now stands for the rows this batch covers."""
+    ) -> bool:
+        """Ledger rows, and the quarantine as it now stands for the rows this batch covers (rewritten
+        only if it differs). Returns whether it wrote anything."""
         p = self.params
         q = schema.quarantine
         if outcome.ledger is not None:
@@ -544,9 +551,7 @@ class Migration:
         )
         mine = and_(q.c.entity == p.entity, q.c.partition_key == p.sistema)
         evicted = outcome.evicted_legacy  # outside the covered rows
-        state.execute(
-            delete(q).where(mine, or_(covered, store.one_of(state, q.c.legacy_id, evicted)) if evicted else covered)
-        )
+        decided = and_(mine, or_(covered, store.one_of(state, q.c.legacy_id, evicted)) if evicted else covered)
         quarantined = pl.concat(
             [
                 outcome.quarantined,
@@ -556,6 +561,11 @@ class Migration:
                 ),
             ]
         ).sort("legacy_id")
+        held = store.frame_of(state, select(q.c.legacy_id, q.c.reason, q.c.detail).where(decided), QUARANTINE_TYPES)
+        if held.sort("legacy_id").equals(quarantined):
+            return outcome.ledger is not None  # the quarantine as it stands (a re-run's) is not rewritten
+        if held.height:
+            state.execute(delete(q).where(decided))
         store.copy_frame(
             state,
             q,
@@ -569,6 +579,7 @@ class Migration:
                 pl.lit(outcome.at or utcnow()).alias("created_at"),
             ),
         )
+        return True
 
     def _decide_duplicates(
         self,

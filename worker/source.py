@@ -19,11 +19,14 @@ from typing import Any
 from urllib.parse import quote
 
 import polars as pl
-from sqlalchemy import Connection, Engine, String, Table, cast, select
+from sqlalchemy import Connection, Engine, String, Table, cast, func, select, text
 from sqlalchemy.engine import make_url
 
 from worker import schema
 
+# Up to this many pages of changed rows, an incremental run reads them through the index on
+# actualizado_en (each page then sorts the rows changed after its first id).
+CHANGED_PAGES_BY_INDEX = 25
 DATETIME_FORMATS = ("%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d")
 
 
@@ -71,6 +74,42 @@ def legacy_datetime(expr: pl.Expr) -> pl.Expr:
     return pl.when(text.str.starts_with("0000-00-00") | (parsed.dt.year() < 1)).then(None).otherwise(parsed)
 
 
+def changed_index(conn: Connection, table: Table) -> str | None:
+    """The name of a MariaDB/MySQL index of ``table`` that starts with ``actualizado_en`` (found by
+    its column, whatever its name: ``idx_pacientes_actualizado`` on the legacy host), or None."""
+    if conn.dialect.name not in ("mysql", "mariadb"):
+        return None
+    name = conn.execute(
+        text(
+            "SELECT INDEX_NAME FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE() "
+            "AND TABLE_NAME = :table AND SEQ_IN_INDEX = 1 AND COLUMN_NAME = 'actualizado_en' LIMIT 1"
+        ),
+        {"table": table.name},
+    ).scalar()
+    return None if name is None else str(name)
+
+
+def latest_update(conn: Connection, table: Table, sistema: str) -> Any:
+    """MAX(actualizado_en) of a sistema's rows, read from the top of the index on it when there is
+    one (MAX with a WHERE on sistema would read every row of the sistema)."""
+    index = changed_index(conn, table)
+    if index is None:
+        return conn.scalar(select(func.max(table.c.actualizado_en)).where(table.c.sistema == sistema))
+    query = (
+        select(table.c.actualizado_en)
+        .where(table.c.sistema == sistema, table.c.actualizado_en.is_not(None))
+        .order_by(table.c.actualizado_en.desc())
+        .limit(1)
+    )
+    return conn.scalar(_force_index(query, table, index))
+
+
+def _force_index(query: Any, table: Table, index: str) -> Any:
+    for dialect in ("mysql", "mariadb"):
+        query = query.with_hint(table, f"FORCE INDEX (`{index}`)", dialect)
+    return query
+
+
 def _connectorx_url(engine: Engine) -> str | None:
     """The connectorx form of a MariaDB/MySQL URL, or None: other sources (SQLite in the demo) are
     read through SQLAlchemy (connectorx cannot type SQLite's all-NULL columns)."""
@@ -93,6 +132,7 @@ class LegacyReader:
         self.sistema = sistema
         self.page = page
         self.url = _connectorx_url(engine)
+        self.changed_index: str | None = None  # see :meth:`_prefer_changed_index`
 
     def _query(self, after: int, since: datetime | None) -> Any:
         t = self.columns.table
@@ -100,7 +140,24 @@ class LegacyReader:
         query = select(*picked).where(t.c.sistema == self.sistema, t.c.id > after).order_by(t.c.id).limit(self.page)
         if since is None:
             return query.where(t.c.eliminado == 0)
-        return query.where(t.c.actualizado_en >= since.replace(tzinfo=None))
+        query = query.where(t.c.actualizado_en >= since.replace(tzinfo=None))
+        if self.changed_index is not None:
+            query = _force_index(query, t, self.changed_index)
+        return query
+
+    def _prefer_changed_index(self, since: datetime) -> None:
+        """An incremental run's pages (``… AND actualizado_en >= … ORDER BY id LIMIT n``) are read
+        through the legacy table's index on ``actualizado_en`` when few rows changed: MariaDB would
+        otherwise walk the table in id order to find them, page after page."""
+        t = self.columns.table
+        with self.engine.connect() as conn:
+            name = changed_index(conn, t)
+            if name is None:
+                return
+            recent = t.c.actualizado_en >= since.replace(tzinfo=None)
+            changed = conn.scalar(select(func.count()).where(t.c.sistema == self.sistema, recent))
+        if (changed or 0) <= CHANGED_PAGES_BY_INDEX * self.page:
+            self.changed_index = str(name)
 
     def frame(self, query: Any, types: dict[str, Any], conn: Connection | None = None) -> pl.DataFrame:
         """The rows of a query of integer/string columns as a polars frame: through connectorx
@@ -132,20 +189,29 @@ class LegacyReader:
     ) -> Iterator[tuple[pl.DataFrame, Any]]:
         """Every page after legacy id ``after``, fetched one ahead on a reader thread, with what
         ``prepare`` (a pure function of the page, e.g. the §6 rules) makes of it on that thread —
-        while the consumer writes the page before — or None."""
+        while the consumer writes the page before — or None. A prepared page is handed over as its
+        ``id`` column alone (memory: the raw page is not kept beside what was made of it)."""
         ahead: queue.Queue[tuple[pl.DataFrame, Any] | BaseException | None] = queue.Queue(maxsize=1)
         stop = threading.Event()
 
         def read() -> None:
             last = after
             try:
+                if since is not None:
+                    self._prefer_changed_index(since)
                 while not stop.is_set():
                     frame = self._fetch(last, since)
                     if frame.height == 0:
                         break
-                    ahead.put((frame, prepare(frame) if prepare is not None else None))
-                    last = int(frame["id"][-1])
-                    if frame.height < self.page:
+                    last, full = int(frame["id"][-1]), frame.height == self.page
+                    if prepare is None:
+                        ahead.put((frame, None))
+                    else:  # the page's ids are all the consumer needs of it besides what ``prepare`` made
+                        prepared, ids = prepare(frame), frame.select("id")
+                        del frame  # not kept while waiting to hand over
+                        ahead.put((ids, prepared))
+                        del prepared, ids
+                    if not full:
                         break
             except BaseException as problem:  # handed to the consumer, raised there
                 ahead.put(problem)

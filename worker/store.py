@@ -14,7 +14,7 @@ from contextlib import AbstractContextManager, nullcontext
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Connection, Table, func, insert, select
+from sqlalchemy import JSON, Connection, Table, func, insert, literal_column, select
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 
@@ -312,9 +312,11 @@ def upsert_frame(conn: Connection, table: Table, key: Sequence[str], frame: Any,
     if fresh:
         # The ids are drawn from the table's sequence up front, in the frame's order (as the
         # column default would draw them), and copied with the rows: nothing to read back.
-        sequence = func.pg_get_serial_sequence(target, "id")
+        # The sequence is looked up once: as an argument of nextval() it would be looked up per row.
+        sequence = conn.scalar(select(func.pg_get_serial_sequence(target, "id")))
+        regclass = literal_column("'" + str(sequence).replace("'", "''") + "'::regclass")
         drawn = frame_of(
-            conn, select(func.nextval(sequence)).select_from(func.generate_series(1, frame.height)), {"id": pl.Int64}
+            conn, select(func.nextval(regclass)).select_from(func.generate_series(1, frame.height)), {"id": pl.Int64}
         )
         if drawn.height != frame.height:
             raise RuntimeError("the target's id sequence gave fewer ids than rows")

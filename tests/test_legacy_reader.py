@@ -1,0 +1,93 @@
+"""The legacy reader against real MariaDB: incremental pages and the source watermark read through
+the index on ``actualizado_en``, found by its column whatever the legacy host named it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import pytest
+from sqlalchemy import func, insert, select, text
+
+from worker import schema
+from worker.source import LegacyReader, changed_index, latest_update
+
+pytestmark = pytest.mark.integration
+LEGACY_NAME = "idx_pacientes_actualizado"  # the name in shared/legacy/clinical_mariadb.sql
+
+
+def _patients(url: str) -> tuple[object, list[dict[str, object]]]:
+    engine = schema.make_engine(url)
+    schema.legacy_metadata.create_all(engine)
+    p = schema.pacientes
+    with engine.begin() as conn:
+        conn.execute(text(f"ALTER TABLE pacientes RENAME INDEX ix_pacientes_actualizado_en TO {LEGACY_NAME}"))
+        conn.execute(insert(schema.sistemas), [{"codigo": "HSJ", "nombre": "H", "activo": 1},
+                                               {"codigo": "CLN01", "nombre": "C", "activo": 1}])  # fmt: skip
+        rows = []
+        for i in range(1, 301):
+            sistema = "HSJ" if i % 3 else "CLN01"
+            # HSJ's rows change in 2024; one CLN01 row later than all of them; one row never updated
+            stamp = None if i == 7 else datetime(2024, 1, 1 + i % 28, 10, 0, 0)
+            if i == 300:
+                stamp = datetime(2025, 6, 1)
+            rows.append({"id": i, "sistema": sistema, "documento": f"D{i}", "nombres": "Ana", "actualizado_en": stamp,
+                         "eliminado": 0})  # fmt: skip
+        conn.execute(insert(p), rows)
+        # a zero date, as the legacy host has them
+        conn.execute(text("SET SESSION sql_mode = ''"))
+        conn.execute(text("UPDATE pacientes SET actualizado_en = '0000-00-00 00:00:00' WHERE id = 8"))
+    return engine, rows
+
+
+def test_the_index_on_actualizado_en_is_found_by_its_column(mariadb_url: str) -> None:
+    engine, _ = _patients(mariadb_url)
+    with engine.connect() as conn:
+        assert changed_index(conn, schema.pacientes) == LEGACY_NAME
+        conn.execute(text(f"ALTER TABLE pacientes DROP INDEX {LEGACY_NAME}"))
+        assert changed_index(conn, schema.pacientes) is None
+
+
+@pytest.mark.parametrize("indexed", [True, False])
+def test_the_watermark_is_the_sistemas_own_latest_update(mariadb_url: str, indexed: bool) -> None:
+    engine, _ = _patients(mariadb_url)
+    p = schema.pacientes
+    with engine.connect() as conn:
+        if not indexed:
+            conn.execute(text(f"ALTER TABLE pacientes DROP INDEX {LEGACY_NAME}"))
+        for sistema in ("HSJ", "CLN01", "NONE"):
+            expected = conn.scalar(select(func.max(p.c.actualizado_en)).where(p.c.sistema == sistema))
+            assert latest_update(conn, p, sistema) == expected
+    assert expected is None  # a sistema without rows has no watermark
+
+
+@pytest.mark.parametrize("page", [4, 1000])
+def test_incremental_pages_hold_exactly_the_changed_rows_in_id_order(mariadb_url: str, page: int) -> None:
+    engine, rows = _patients(mariadb_url)
+    since = datetime(2024, 1, 20)
+    expected = [
+        r["id"] for r in rows
+        if r["sistema"] == "HSJ" and r["id"] != 8 and r["actualizado_en"] is not None and r["actualizado_en"] >= since
+    ]  # fmt: skip
+    reader = LegacyReader(engine, "patients", "HSJ", page)
+    read = [int(i) for frame, _ in reader.pages(-1, since) for i in frame["id"]]
+    assert read == expected and len(expected) > 8
+    # few rows changed: read through the index on actualizado_en, by its legacy name
+    assert reader.changed_index == LEGACY_NAME
+    plan = _plan(engine, reader, since)
+    assert LEGACY_NAME in plan
+
+
+def test_many_changed_rows_are_read_in_id_order_without_the_index(mariadb_url: str) -> None:
+    engine, rows = _patients(mariadb_url)
+    reader = LegacyReader(engine, "patients", "HSJ", 2)  # 200 changed HSJ rows > 25 pages of 2
+    since = datetime(2000, 1, 1)
+    read = [int(i) for frame, _ in reader.pages(-1, since) for i in frame["id"]]
+    assert read == [r["id"] for r in rows if r["sistema"] == "HSJ" and r["id"] not in (7, 8)]
+    assert reader.changed_index is None
+
+
+def _plan(engine: object, reader: LegacyReader, since: datetime) -> str:
+    query = reader._query(-1, since)
+    sql = str(query.compile(engine, compile_kwargs={"literal_binds": True}))
+    with engine.connect() as conn:  # type: ignore[attr-defined]
+        return " ".join(str(row) for row in conn.exec_driver_sql("EXPLAIN " + sql).all())
