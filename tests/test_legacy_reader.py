@@ -1,5 +1,6 @@
-"""The legacy reader against real MariaDB: incremental pages and the source watermark read through
-the index on ``actualizado_en``, found by its column whatever the legacy host named it."""
+"""The legacy reader against real MariaDB: pages read through the index on ``sistema`` (a range of
+it, not the whole sistema per page), incremental pages and the source watermark through the index on
+``actualizado_en`` — each found by its columns, whatever the legacy host named it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from worker import schema
 from worker.source import LegacyReader, changed_index, latest_update
 
 pytestmark = pytest.mark.integration
-LEGACY_NAME = "idx_pacientes_actualizado"  # the name in shared/legacy/clinical_mariadb.sql
+LEGACY_NAME = "idx_pacientes_actualizado"  # the names in shared/legacy/clinical_mariadb.sql
+SISTEMA_INDEX = "idx_pacientes_sistema"
 
 
 def _patients(url: str) -> tuple[object, list[dict[str, object]]]:
@@ -21,6 +23,7 @@ def _patients(url: str) -> tuple[object, list[dict[str, object]]]:
     p = schema.pacientes
     with engine.begin() as conn:
         conn.execute(text(f"ALTER TABLE pacientes RENAME INDEX ix_pacientes_actualizado_en TO {LEGACY_NAME}"))
+        conn.execute(text(f"ALTER TABLE pacientes RENAME INDEX ix_pacientes_sistema TO {SISTEMA_INDEX}"))
         conn.execute(insert(schema.sistemas), [{"codigo": "HSJ", "nombre": "H", "activo": 1},
                                                {"codigo": "CLN01", "nombre": "C", "activo": 1}])  # fmt: skip
         rows = []
@@ -86,8 +89,24 @@ def test_many_changed_rows_are_read_in_id_order_without_the_index(mariadb_url: s
     assert reader.changed_index is None
 
 
-def _plan(engine: object, reader: LegacyReader, since: datetime) -> str:
-    query = reader._query(-1, since)
+@pytest.mark.parametrize("sistema_index", [True, False])
+def test_full_pages_are_ranges_of_the_sistema_index_or_the_primary_key(mariadb_url: str, sistema_index: bool) -> None:
+    engine, rows = _patients(mariadb_url)
+    if not sistema_index:
+        with engine.begin() as conn:
+            conn.execute(text(f"ALTER TABLE pacientes DROP INDEX {SISTEMA_INDEX}"))
+    reader = LegacyReader(engine, "patients", "HSJ", 7)
+    read = [int(i) for frame, _ in reader.pages(-1) for i in frame["id"]]
+    assert read == [r["id"] for r in rows if r["sistema"] == "HSJ"]
+    index = SISTEMA_INDEX if sistema_index else "PRIMARY"
+    assert reader.page_index == index
+    plan = _plan(engine, reader, None, after=150)
+    # a range scan of that index (by the default plan MariaDB reads the sistema by `ref` and filters ids)
+    assert f"'range', '{index}'" in plan.replace('"', "'"), plan
+
+
+def _plan(engine: object, reader: LegacyReader, since: datetime | None, after: int = -1) -> str:
+    query = reader._query(after, since)
     sql = str(query.compile(engine, compile_kwargs={"literal_binds": True}))
     with engine.connect() as conn:  # type: ignore[attr-defined]
         return " ".join(str(row) for row in conn.exec_driver_sql("EXPLAIN " + sql).all())

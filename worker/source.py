@@ -74,19 +74,37 @@ def legacy_datetime(expr: pl.Expr) -> pl.Expr:
     return pl.when(text.str.starts_with("0000-00-00") | (parsed.dt.year() < 1)).then(None).otherwise(parsed)
 
 
-def changed_index(conn: Connection, table: Table) -> str | None:
-    """The name of a MariaDB/MySQL index of ``table`` that starts with ``actualizado_en`` (found by
-    its column, whatever its name: ``idx_pacientes_actualizado`` on the legacy host), or None."""
+def index_on(conn: Connection, table: Table, column: str, *, alone: bool = False) -> str | None:
+    """The name of a MariaDB/MySQL index of ``table`` whose first column is ``column`` (``alone``:
+    its only column), found by its columns whatever its name (``idx_pacientes_sistema`` on the
+    legacy host), or None (and None on other databases)."""
     if conn.dialect.name not in ("mysql", "mariadb"):
         return None
     name = conn.execute(
         text(
             "SELECT INDEX_NAME FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE() "
-            "AND TABLE_NAME = :table AND SEQ_IN_INDEX = 1 AND COLUMN_NAME = 'actualizado_en' LIMIT 1"
+            "AND TABLE_NAME = :table GROUP BY INDEX_NAME "
+            "HAVING MAX(CASE WHEN SEQ_IN_INDEX = 1 THEN COLUMN_NAME END) = :column AND (NOT :alone OR COUNT(*) = 1) "
+            "ORDER BY INDEX_NAME LIMIT 1"
         ),
-        {"table": table.name},
+        {"table": table.name, "column": column, "alone": alone},
     ).scalar()
     return None if name is None else str(name)
+
+
+def changed_index(conn: Connection, table: Table) -> str | None:
+    """An index that starts with ``actualizado_en``, or None."""
+    return index_on(conn, table, "actualizado_en")
+
+
+def page_index(conn: Connection, table: Table) -> str | None:
+    """The index the pages of a full run are read through, in id order, on MariaDB/MySQL: one on
+    ``sistema`` alone (InnoDB keys it by (sistema, id), so a page is a range of it), else the
+    primary key. Left to itself, MariaDB reads ``sistema = … AND id > …`` by the sistema alone and
+    filters the ids: every page would re-read the sistema's rows before it."""
+    if conn.dialect.name not in ("mysql", "mariadb"):
+        return None
+    return index_on(conn, table, "sistema", alone=True) or "PRIMARY"
 
 
 def latest_update(conn: Connection, table: Table, sistema: str) -> Any:
@@ -133,17 +151,18 @@ class LegacyReader:
         self.page = page
         self.url = _connectorx_url(engine)
         self.changed_index: str | None = None  # see :meth:`_prefer_changed_index`
+        self.page_index: str | None = None  # see :func:`page_index`
 
     def _query(self, after: int, since: datetime | None) -> Any:
         t = self.columns.table
         picked = [cast(t.c[n], String).label(n) if n in self.columns.datetimes else t.c[n] for n in self.columns.names]
         query = select(*picked).where(t.c.sistema == self.sistema, t.c.id > after).order_by(t.c.id).limit(self.page)
         if since is None:
-            return query.where(t.c.eliminado == 0)
+            query = query.where(t.c.eliminado == 0)
+            return query if self.page_index is None else _force_index(query, t, self.page_index)
         query = query.where(t.c.actualizado_en >= since.replace(tzinfo=None))
-        if self.changed_index is not None:
-            query = _force_index(query, t, self.changed_index)
-        return query
+        index = self.changed_index or self.page_index
+        return query if index is None else _force_index(query, t, index)
 
     def _prefer_changed_index(self, since: datetime) -> None:
         """An incremental run's pages (``… AND actualizado_en >= … ORDER BY id LIMIT n``) are read
@@ -197,6 +216,8 @@ class LegacyReader:
         def read() -> None:
             last = after
             try:
+                with self.engine.connect() as conn:
+                    self.page_index = page_index(conn, self.columns.table)
                 if since is not None:
                     self._prefer_changed_index(since)
                 while not stop.is_set():
