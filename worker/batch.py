@@ -11,6 +11,7 @@ check on the batches it verifies.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from datetime import date
 from typing import Any
@@ -163,27 +164,41 @@ def transform_patients(
 
     Computed in stages of intermediate columns (``_…``), so that every step — a regex, a date
     parse — runs once per batch, however many rules read its result."""
+    stages, reason, detail = _patient_plan(today, mapping)
+    planned = rows.lazy()
+    for stage in stages[:-1]:
+        planned = planned.with_columns(stage)
+    out = planned.select(stages[-1])
+    out = out.with_columns(reason.alias(REASON), detail.alias(DETAIL)).drop("_unreal", "_out_of_range", "_no_name")
+    return with_hashes(out.collect(), PATIENT_FIELDS)
+
+
+@functools.lru_cache(maxsize=8)
+def _patient_plan(
+    today: date, mapping: rules.PractitionerMapping | None
+) -> tuple[tuple[tuple[pl.Expr, ...], ...], pl.Expr, pl.Expr]:
+    """The expressions of :func:`transform_patients`, built once per (day, mapping): building them
+    costs more than applying them to a page of a few thousand rows. Stages of ``with_columns``, the
+    final ``select``, then the reason and detail."""
     c = pl.col
     # Stage 1: the cleaned texts.
-    stage1 = rows.lazy().with_columns(
+    stage1 = [
         _collapsed(c("nombres")).alias("_given"),
         _collapsed(c("apellidos")).alias("_family"),
         _collapsed(c("email")).alias("_email"),
         _collapsed(c("tipo_documento")).alias("_doctype"),
         strip_py(remove_nul(c("fecha_nacimiento")).fill_null("")).alias("_bd_text"),
-    )
+    ]
     # Stage 2: NULL for empty texts; the birth date parsed.
-    stage2 = stage1.with_columns(
+    stage2 = [
         _empty_to_null(c("_given")).alias("_given"),
         _empty_to_null(c("_family")).alias("_family"),
         _empty_to_null(c("_email")).fill_null("").str.to_lowercase().alias("_email"),
         _empty_to_null(c("_doctype")).fill_null("").str.to_uppercase().alias("_doctype"),
         _parsed_birth_date(c("_bd_text")).alias("_bd"),
-    )
+    ]
     unknown, unreal, out_of_range = _birth_date_checks(c("_bd_text"), c("_bd"), today)
-    stage3 = stage2.with_columns(
-        unreal.alias("_unreal"), out_of_range.alias("_out_of_range"), unknown.alias("_unknown")
-    )
+    stage3 = [unreal.alias("_unreal"), out_of_range.alias("_out_of_range"), unknown.alias("_unknown")]
     national_id = c("documento").fill_null("").str.replace_all("[^0-9A-Za-z]", "").str.to_uppercase()
     given, family, email, document_type = c("_given"), c("_family"), c("_email"), c("_doctype")
     birth = pl.when(c("_unknown") | c("_unreal") | c("_out_of_range")).then(None).otherwise(c("_bd"))
@@ -194,7 +209,7 @@ def transform_patients(
     digits = phone_text.str.replace_all("[^0-9]", "")
     plus = phone_text.str.extract(r"^([^0-9]*)", 1).str.contains("+", literal=True)
     sex = strip_py(c("sexo").fill_null("")).str.to_uppercase()
-    out = stage3.select(
+    selected = [
         c("sistema"),
         c("id").cast(pl.Int64).alias("legacy_id"),
         national_id.alias("national_id"),
@@ -210,7 +225,7 @@ def transform_patients(
         c("_unreal"),
         c("_out_of_range"),
         (given.is_null() & family.is_null()).alias("_no_name"),
-    )
+    ]
     reason, detail = _first_problem(
         (c("national_id") == "", rules.MISSING_DOCUMENT, "document is empty after removing separators"),
         (c("_no_name"), rules.MISSING_NAME, "both given and family names are empty"),
@@ -218,8 +233,7 @@ def transform_patients(
         (c("_out_of_range"), rules.INVALID_BIRTH_DATE, "birth date is before 1900 or in the future"),
         *_fits(rules.PATIENT_WIDTHS, PATIENT_FIELDS, ["legacy_id", "practitioner_id"]),
     )
-    out = out.with_columns(reason.alias(REASON), detail.alias(DETAIL)).drop("_unreal", "_out_of_range", "_no_name")
-    return with_hashes(out.collect(), PATIENT_FIELDS)
+    return (tuple(stage1), tuple(stage2), tuple(stage3), tuple(selected)), reason, detail
 
 
 # --- encounters ------------------------------------------------------------------------------
@@ -240,12 +254,24 @@ def transform_encounters(
         how="left",
         maintain_order="left",
     )
+    selected, reason, detail, hashed = _encounter_plan(mapping)
+    out = linked.select(selected)
+    out = out.with_columns(reason.alias(REASON), detail.alias(DETAIL)).drop("_bad_icd")
+    return with_hashes(out.collect(), list(hashed))
+
+
+@functools.lru_cache(maxsize=8)
+def _encounter_plan(
+    mapping: rules.PractitionerMapping | None,
+) -> tuple[tuple[pl.Expr, ...], pl.Expr, pl.Expr, tuple[str, ...]]:
+    """The expressions of :func:`transform_encounters`, built once per mapping: the ``select`` of a
+    page joined to its patients, the reason, the detail, and the hashed fields."""
     icd = remove_nul(pl.col("diagnostico").fill_null("")).str.replace_all(_SPACE_CLASS, "").str.to_uppercase()
     icd_parts = icd.str.extract_groups(r"^([A-Z][0-9]{2})(?:\.?([0-9A-Z]{1,4}))?$")
     category, subcode = icd_parts.struct.field("1"), icd_parts.struct.field("2")
     icd10 = pl.when(subcode.is_not_null()).then(category + "." + subcode).otherwise(category)
     occurred = _utc(pl.col("fecha"))
-    out = linked.select(
+    selected = [
         pl.col("sistema"),
         pl.col("id").cast(pl.Int64).alias("legacy_id"),
         pl.col("_pid").alias("patient_id"),
@@ -266,16 +292,15 @@ def transform_encounters(
         _utc(pl.col("actualizado_en")).alias("source_updated_at"),
         pl.col("paciente_id").cast(pl.Int64).alias("patient_legacy_id"),
         ((icd != "") & category.is_null()).alias("_bad_icd"),
-    )
+    ]
     reason, detail = _first_problem(
         (pl.col("patient_id").is_null(), rules.ORPHAN_PATIENT, "patient is not migrated in this sistema"),
         (pl.col("occurred_at").is_null(), rules.MISSING_DATE, "encounter date is NULL or zero"),
         (pl.col("_bad_icd"), rules.INVALID_ICD10, "diagnosis is not a well-formed ICD-10 code"),
         *_fits(rules.ENCOUNTER_WIDTHS, ENCOUNTER_FIELDS, ["legacy_id", "patient_id", "practitioner_id"]),
     )
-    out = out.with_columns(reason.alias(REASON), detail.alias(DETAIL)).drop("_bad_icd")
     hashed = [f for f in ENCOUNTER_FIELDS if f != "patient_id"] + ["patient_legacy_id"]
-    return with_hashes(out.collect(), hashed)
+    return tuple(selected), reason, detail, tuple(hashed)
 
 
 # --- content hash ----------------------------------------------------------------------------
@@ -313,9 +338,15 @@ def _typed(name: str, dtype: pl.DataType) -> pl.Expr:
 
 def canonical_forms(frame: pl.DataFrame, fields: list[str]) -> pl.Series:
     """rules.canonical_form of every row over ``fields`` (keys sorted)."""
-    parts = [_typed(name, frame.schema[name]) for name in sorted(fields)]
-    form = pl.concat_str([pl.lit("["), pl.concat_str(parts, separator=","), pl.lit("]")])
+    form = _form(tuple((name, frame.schema[name]) for name in sorted(fields)))
     return frame.lazy().select(form).collect()[:, 0]
+
+
+@functools.lru_cache(maxsize=16)
+def _form(typed: tuple[tuple[str, pl.DataType], ...]) -> pl.Expr:
+    """The canonical-form expression of columns of these names and types, built once."""
+    parts = [_typed(name, dtype) for name, dtype in typed]
+    return pl.concat_str([pl.lit("["), pl.concat_str(parts, separator=","), pl.lit("]")])
 
 
 def hashes(frame: pl.DataFrame, fields: list[str]) -> pl.Series:
