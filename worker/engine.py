@@ -326,8 +326,11 @@ class Migration:
             self._refuse_mass_delete(counts.deleted - deleted_before)
         self.book.checkpoint(state, lo, counts.as_dict(), watermark, "done")
         self._commit(target, state)
-        if self._writes(counts) != analyzed_at:
-            self._analyze(target, state)  # the next entity looks this one up
+        written = self._writes(counts) - analyzed_at
+        # The next entity looks this one up; an incremental run's few changes leave the statistics
+        # as good as they were (its ANALYZE would cost more than the run).
+        if written and (mode == "full" or written >= ANALYZE_FIRST):
+            self._analyze(target, state)
         self.progress(counts)
 
     @staticmethod

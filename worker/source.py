@@ -123,8 +123,9 @@ def latest_update(conn: Connection, table: Table, sistema: str) -> Any:
 
 
 def _force_index(query: Any, table: Table, index: str) -> Any:
+    quoted = "`" + index.replace("`", "``") + "`"
     for dialect in ("mysql", "mariadb"):
-        query = query.with_hint(table, f"FORCE INDEX (`{index}`)", dialect)
+        query = query.with_hint(table, f"FORCE INDEX ({quoted})", dialect)
     return query
 
 
