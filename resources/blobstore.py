@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import posixpath
 import queue
 import re
+import stat as stat_module
 import threading
 import uuid
 from collections.abc import Iterable, Iterator
@@ -85,6 +87,7 @@ class BlobStore:
         self.fs: fsspec.AbstractFileSystem = fs
         self.root = str(root).rstrip("/")
         self.local = isinstance(fs, LocalFileSystem)
+        self._folders: set[str] = set()  # local folders known to exist (bounded by the users' count)
         if self.local:
             self.fs.makedirs(self.root, exist_ok=True)
 
@@ -95,6 +98,8 @@ class BlobStore:
 
     def url(self, key: str) -> str:
         """The blob's address with its scheme (``file:///…``, ``s3://bucket/…``), as stored in ``blob_url``."""
+        if self.local:  # what LocalFileSystem.unstrip_protocol gives for the (already stripped) root's paths
+            return f"file://{self._path(key)}"
         return str(self.fs.unstrip_protocol(self._path(key)))
 
     def _temporary(self) -> str:
@@ -102,13 +107,16 @@ class BlobStore:
 
     def _prepare_parent(self, path: str) -> None:
         if self.local:  # object stores have no directories
-            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            parent = posixpath.dirname(path)
+            if parent not in self._folders:  # made (or found) once per store: a mkdir per blob costs a syscall
+                os.makedirs(parent, exist_ok=True)
+                self._folders.add(parent)
 
     # -- reading -----------------------------------------------------------------------------------------------
 
     def _open_read(self, path: str) -> BinaryIO:
-        if self.local:
-            return self.fs.open(path, "rb")  # type: ignore[no-any-return]
+        if self.local:  # a local folder: the operating system's own files, without fsspec's layers per call
+            return open(path, "rb")
         return self.fs.open(path, "rb", block_size=BLOCK_BYTES, cache_type="readahead")  # type: ignore[no-any-return]
 
     def _hash_path(self, path: str) -> tuple[int, str]:
@@ -122,6 +130,12 @@ class BlobStore:
     def stat(self, key: str) -> Blob | None:
         """Size of the blob at ``key`` (no hash: that needs a full read, see :meth:`sha256`), or ``None``."""
         path = self._path(key)
+        if self.local:
+            try:
+                status = os.stat(path)
+            except FileNotFoundError:
+                return None
+            return None if stat_module.S_ISDIR(status.st_mode) else Blob(key, self.url(key), status.st_size)
         self.fs.invalidate_cache(path)
         try:
             info = self.fs.info(path)
@@ -168,7 +182,7 @@ class BlobStore:
                     ours=True,
                 )
             self._prepare_parent(path)
-            self.fs.mv(temporary, path)
+            self._move(temporary, path)
         except BaseException:
             self._remove_quietly(temporary)
             raise
@@ -179,10 +193,30 @@ class BlobStore:
             )
         return size, digest
 
+    def _move(self, source: str, target: str) -> None:
+        if self.local:
+            try:
+                os.replace(source, target)  # a rename: atomic, and it replaces what was there
+            except FileNotFoundError:  # the target's folder went away since it was made: make it again
+                self._folders.discard(posixpath.dirname(target))
+                self._prepare_parent(target)
+                os.replace(source, target)
+        else:
+            self.fs.mv(source, target)
+
+    def _open_write(self, path: str) -> BinaryIO:
+        if self.local:
+            try:
+                return open(path, "wb")
+            except FileNotFoundError:  # its folder went away since it was made: make it again
+                self._folders.discard(posixpath.dirname(path))
+                self._prepare_parent(path)
+                return open(path, "wb")
+        return self.fs.open(path, "wb", block_size=BLOCK_BYTES)  # type: ignore[no-any-return]
+
     def _write(self, path: str, chunks: Iterable[bytes]) -> tuple[int, str]:
         digest, size = hashlib.sha256(), 0
-        options = {} if self.local else {"block_size": BLOCK_BYTES}
-        with self.fs.open(path, "wb", **options) as writer:
+        with self._open_write(path) as writer:
             for chunk in chunks:
                 if not chunk:
                     continue
@@ -220,7 +254,7 @@ class BlobStore:
             try:
                 self.fs.copy(source, temporary)
                 self._prepare_parent(target)
-                self.fs.mv(temporary, target)
+                self._move(temporary, target)
             except BaseException:
                 self._remove_quietly(temporary)
                 raise

@@ -27,7 +27,12 @@ but they arrive in no particular order across parallel, non-atomic requests, so 
 the durable writes are a scattered set, not a prefix; each WriteBatch Commit is atomic and they
 go in order, so the writes before the failed request are exactly the durable ones. (BulkWriter
 also retries on its own and rate-limits with a fixed policy; here both are explicit.)
-``DocumentWriter`` therefore commits WriteBatches.
+``DocumentWriter`` therefore commits WriteBatches: the same atomic Commit requests, which it builds
+itself as protobuf messages (``commit_request``, pinned request for request against ``WriteBatch.set``
+by a test) and sends through the Firestore API client (``CommitChannel``, the public GAPIC layer of
+``google.cloud.firestore``): the client library's proto-plus encoding cost ~430 µs per ~550-byte document
+on this 2-core machine, ours ~45 µs (``bench/app.py`` measures the difference as the raw loop's cost).
+Reads with a channel decode the same way (``get_many``), five times cheaper than the library's snapshots.
 
 Nothing here logs; exception messages name counts, request numbers and gRPC codes, never
 document data or credentials.
@@ -43,14 +48,22 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any
 
+import grpc
 from dagster import ConfigurableResource
 from google.api_core import exceptions as api_exceptions
+from google.api_core.datetime_helpers import DatetimeWithNanoseconds
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import firestore
 from google.cloud.firestore_v1.base_query import FieldFilter
+from google.cloud.firestore_v1.services.firestore import FirestoreClient as FirestoreApi
+from google.cloud.firestore_v1.services.firestore.transports.grpc import FirestoreGrpcTransport
+from google.cloud.firestore_v1.types import common as common_types
+from google.cloud.firestore_v1.types import firestore as firestore_types
+from google.protobuf import struct_pb2
 
 from worker.firestore_size import document_size, name_size
 
@@ -125,6 +138,115 @@ def split_writes(
     if current:
         requests.append(current)
     return requests
+
+
+# --------------------------------------------------------------------------- encoding
+
+_CommitRequestPb: Any = firestore_types.CommitRequest.pb()
+_NULL_VALUE = struct_pb2.NULL_VALUE
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SECOND = timedelta(seconds=1)
+
+
+def _encode_timestamp(target: Any, value: datetime) -> None:
+    """A datetime into a ``Timestamp`` message, with the client library's arithmetic (a naive value is UTC;
+    microseconds through ``int(seconds * 1e6)``, exactly as ``google.cloud._helpers`` computes them)."""
+    if isinstance(value, DatetimeWithNanoseconds):
+        target.CopyFrom(value.timestamp_pb())
+        return
+    aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    micros = int(((aware - _EPOCH) // _SECOND) * 1e6) + aware.microsecond
+    seconds, micros = divmod(micros, 10**6)
+    target.seconds = seconds
+    target.nanos = micros * 1000
+
+
+def _encode_value(target: Any, value: Any, database: str) -> None:
+    """Fill the ``google.firestore.v1.Value`` message ``target`` with ``value``.
+
+    The same Firestore types as the client library's ``WriteBatch.set`` gives (a test pins it request for
+    request), built on the protobuf messages directly instead of through proto-plus wrappers, which cost
+    ten times as much per value. Plain JSON values, datetimes, bytes, geo points and document references;
+    anything else is a ``TypeError``.
+    """
+    kind = type(value)
+    if kind is str:
+        target.string_value = value
+    elif kind is int:
+        target.integer_value = value
+    elif kind is bool:
+        target.boolean_value = value
+    elif value is None:
+        target.null_value = _NULL_VALUE
+    elif kind is dict:
+        _encode_map(target, value, database)
+    elif kind is list or kind is tuple:
+        _encode_array(target, value, database)
+    elif kind is float:
+        target.double_value = value
+    else:  # subclasses and the rarer types, in the client library's order
+        _encode_other(target, value, database)
+
+
+def _encode_map(target: Any, value: Mapping[Any, Any], database: str) -> None:
+    fields = target.map_value.fields
+    target.map_value.SetInParent()  # an empty map is a map, not an unset value
+    for key, item in value.items():
+        if type(key) is not str:
+            raise TypeError("Firestore map keys are strings")
+        _encode_value(fields[key], item, database)
+
+
+def _encode_array(target: Any, value: Iterable[Any], database: str) -> None:
+    values = target.array_value.values
+    target.array_value.SetInParent()
+    for item in value:
+        _encode_value(values.add(), item, database)
+
+
+def _encode_other(target: Any, value: Any, database: str) -> None:
+    if isinstance(value, bool):
+        target.boolean_value = value
+    elif isinstance(value, int):
+        target.integer_value = value
+    elif isinstance(value, float):
+        target.double_value = value
+    elif isinstance(value, datetime):
+        _encode_timestamp(target.timestamp_value, value)
+    elif isinstance(value, str):
+        target.string_value = value
+    elif isinstance(value, bytes):
+        target.bytes_value = value
+    elif isinstance(value, firestore.DocumentReference):
+        target.reference_value = f"{database}/documents/{value.path}"
+    elif isinstance(value, firestore.GeoPoint):
+        target.geo_point_value.CopyFrom(value.to_protobuf())
+    elif isinstance(value, list | tuple | set | frozenset):
+        _encode_array(target, value, database)
+    elif isinstance(value, dict):
+        _encode_map(target, value, database)
+    else:
+        raise TypeError(f"Firestore cannot store a value of type {type(value).__name__}")
+
+
+def commit_request(database: str, writes: Sequence[Write]) -> Any:
+    """The ``google.firestore.v1.CommitRequest`` protobuf message of ``writes``: full sets (no merge, no
+    precondition) and deletes, in order, for the database ``projects/{project}/databases/{id}``."""
+    request = _CommitRequestPb(database=database)
+    prefix = f"{database}/documents/"
+    for write in writes:
+        message = request.writes.add()
+        if write.data is None:
+            message.delete = prefix + write.path.strip("/")
+            continue
+        document = message.update
+        document.name = prefix + write.path.strip("/")
+        fields = document.fields
+        for key, value in write.data.items():
+            if type(key) is not str:
+                raise TypeError("Firestore field names are strings")
+            _encode_value(fields[key], value, database)
+    return request
 
 
 # --------------------------------------------------------------------------- rate limiting
@@ -300,6 +422,64 @@ def get_many(
     return found
 
 
+class _Unusual(Exception):
+    """A stored value the fast decoder leaves to the client library (references, bytes, special maps…)."""
+
+
+def _decode_value(value: Any) -> Any:
+    """A ``google.firestore.v1.Value`` message as the client library decodes it, for the types the app path
+    stores (timestamps become ``DatetimeWithNanoseconds``, as the library gives them back)."""
+    kind = value.WhichOneof("value_type")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "integer_value":
+        return value.integer_value
+    if kind == "boolean_value":
+        return value.boolean_value
+    if kind == "null_value":
+        return None
+    if kind == "timestamp_value":
+        return DatetimeWithNanoseconds.from_timestamp_pb(value.timestamp_value)
+    if kind == "double_value":
+        return value.double_value
+    if kind == "map_value":
+        return _decode_fields(value.map_value.fields)
+    if kind == "array_value":
+        return [_decode_value(item) for item in value.array_value.values]
+    raise _Unusual
+
+
+def _decode_fields(fields: Any) -> dict[str, Any]:
+    decoded = {}
+    for key, item in fields.items():
+        if key.startswith("__"):  # the library reads some such maps as vectors or BSON values
+            raise _Unusual
+        decoded[key] = _decode_value(item)
+    return decoded
+
+
+def _get_many_fast(
+    channel: CommitChannel, paths: Iterable[str], fields: Sequence[str] | None, chunk_size: int = GET_CHUNK
+) -> dict[str, dict[str, Any] | None]:
+    """``get_many`` through the Firestore API client, decoding the protobuf messages directly (five times
+    cheaper than the library's snapshots); ``_Unusual`` when a value needs the library's decoder."""
+    wanted = list(dict.fromkeys(path.strip("/") for path in paths))
+    found: dict[str, dict[str, Any] | None] = dict.fromkeys(wanted)
+    prefix = f"{channel.database}/documents/"
+    mask = None if fields is None else common_types.DocumentMask(field_paths=list(fields))
+    for start in range(0, len(wanted), chunk_size):
+        request = firestore_types.BatchGetDocumentsRequest(
+            database=channel.database, documents=[prefix + path for path in wanted[start : start + chunk_size]]
+        )
+        if mask is not None:
+            request.mask = mask
+        for response in channel.api.batch_get_documents(request=request, metadata=channel.metadata):
+            message = firestore_types.BatchGetDocumentsResponse.pb(response)
+            if message.HasField("found"):
+                found[message.found.name.removeprefix(prefix)] = _decode_fields(message.found.fields)
+    return found
+
+
 def stream_collection(
     client: firestore.Client,
     collection: str,
@@ -343,13 +523,30 @@ def count_shard(client: firestore.Client, collection: str, shard: str) -> int:
 # --------------------------------------------------------------------------- the writer
 
 
+@dataclass(frozen=True)
+class CommitChannel:
+    """Where a ``DocumentWriter`` sends its commits: the Firestore API client (the public GAPIC layer under
+    ``google.cloud.firestore``) and the database ``projects/{project}/databases/{id}`` it writes to, with the
+    request metadata that database needs."""
+
+    api: FirestoreApi
+    database: str
+    metadata: tuple[tuple[str, str], ...] = ()
+
+
 class DocumentWriter:
-    """Commits ordered writes to Firestore in bounded, retried, rate-limited requests (see the module doc)."""
+    """Commits ordered writes to Firestore in bounded, retried, rate-limited requests (see the module doc).
+
+    With a ``channel`` the requests are built as protobuf messages (``commit_request``) and sent with the
+    Firestore API client; without one, through the client library's ``WriteBatch`` (the same requests, ten
+    times the encoding cost). Reads always go through ``client``.
+    """
 
     def __init__(
         self,
         client: firestore.Client,
         *,
+        channel: CommitChannel | None = None,
         max_writes: int = MAX_WRITES_PER_REQUEST,
         max_bytes: int = MAX_BYTES_PER_REQUEST,
         limiter: RampUpLimiter | None = None,
@@ -361,6 +558,7 @@ class DocumentWriter:
         if not 1 <= max_writes <= MAX_WRITES_PER_REQUEST:
             raise ValueError(f"max_writes must be between 1 and {MAX_WRITES_PER_REQUEST}")
         self.client = client
+        self.channel = channel
         self.max_writes = max_writes
         self.max_bytes = max_bytes
         self.limiter = limiter
@@ -388,16 +586,26 @@ class DocumentWriter:
         waited = 0.0
         for number, request in enumerate(requests, start=1):
             attempt = 0
+            encoded: Any = None
             while True:
                 attempt += 1
                 try:
-                    batch = self._batch(request)
+                    if self.channel is None:
+                        batch = self._batch(request)
+                    elif encoded is None:
+                        encoded = firestore_types.CommitRequest.wrap(commit_request(self.channel.database, request))
                 except Exception as error:  # the client cannot encode a value: nothing was sent
                     raise PartialCommit(committed, error, total=total, request=number, attempts=attempt) from error
                 try:
                     if self.limiter is not None:
                         waited += self.limiter.acquire(len(request))
-                    batch.commit(retry=None, timeout=self.timeout)  # retries are ours, not the library's
+                    # retries are ours, not the library's
+                    if self.channel is None:
+                        batch.commit(retry=None, timeout=self.timeout)
+                    else:
+                        self.channel.api.commit(
+                            request=encoded, retry=None, timeout=self.timeout, metadata=self.channel.metadata
+                        )
                     break
                 except RETRYABLE as error:
                     if attempt >= self.retry.attempts:
@@ -436,6 +644,12 @@ class DocumentWriter:
         self, paths: Iterable[str], *, fields: Sequence[str] | None = None
     ) -> dict[str, dict[str, Any] | None]:
         """See ``get_many``."""
+        if self.channel is not None:
+            paths = list(paths)
+            try:
+                return _get_many_fast(self.channel, paths, fields)
+            except _Unusual:
+                pass
         return get_many(self.client, paths, fields=fields)
 
     def stream_collection(
@@ -497,9 +711,30 @@ class FirestoreResource(ConfigurableResource):
         with _emulator_variable(None):
             return firestore.Client(project=self.project)
 
+    @property
+    def database(self) -> str:
+        return f"projects/{self.project}/databases/(default)"
+
+    def commit_channel(self) -> CommitChannel:
+        """The Firestore API client the writer commits with: an insecure channel to the emulator (whose
+        requests carry the owner token, as the client library's do), else the default endpoint with the
+        application default credentials."""
+        metadata = [("google-cloud-resource-prefix", self.database)]
+        if self.is_emulator:
+            host = str(self.emulator_host)
+            options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+            transport = FirestoreGrpcTransport(host=host, channel=grpc.insecure_channel(host, options=options))
+            api = FirestoreApi(transport=transport)
+            metadata.append(("authorization", "Bearer owner"))
+        else:
+            api = FirestoreApi()
+        return CommitChannel(api, self.database, tuple(metadata))
+
     def writer(self, **options: Any) -> DocumentWriter:
         """A ``DocumentWriter``: no rate limiter for the emulator, the 500/50/5 ramp-up for Firestore."""
         options.setdefault("limiter", None if self.is_emulator else RampUpLimiter())
+        if "channel" not in options:
+            options["channel"] = self.commit_channel()
         return DocumentWriter(self.client(), **options)
 
 
@@ -507,6 +742,7 @@ __all__ = [
     "MAX_BYTES_PER_REQUEST",
     "MAX_WRITES_PER_REQUEST",
     "RETRYABLE",
+    "CommitChannel",
     "CommitResult",
     "DocumentWriter",
     "FirestoreResource",
@@ -515,6 +751,7 @@ __all__ = [
     "RetryPolicy",
     "StoredDocument",
     "Write",
+    "commit_request",
     "count_shard",
     "get_many",
     "split_writes",

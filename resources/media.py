@@ -86,7 +86,10 @@ def _inside(real: str, root: str) -> bool:
 
 class LocalMediaSource:
     """Files in a local folder. Every component of the resolved path is opened relative to its parent with
-    ``O_NOFOLLOW``, so a symlink swapped in after the check is refused instead of followed."""
+    ``O_NOFOLLOW``, so a symlink swapped in after the check is refused instead of followed. Holds nothing
+    between files: several threads may open files at once (``concurrent_opens``)."""
+
+    concurrent_opens: ClassVar[bool] = True
 
     def __init__(self, root: str) -> None:
         self.root = os.path.realpath(root)
@@ -112,13 +115,26 @@ class LocalMediaSource:
 
     @contextmanager
     def open(self, relative_path: str) -> Iterator[BinaryIO]:
-        real = self.resolve(relative_path)
-        descriptor = self._open_regular(real)
+        # The common case first: no symlink on the way. The root is real and the lexical rule leaves no
+        # '.', '..' or empty part, so the path's real path is the root joined with its parts, which are
+        # opened one by one as below. A symlink met on the way (to be followed if it stays under the
+        # root) sends the path through the full resolution.
+        _check_lexically(relative_path)
+        try:
+            descriptor = self._open_parts(relative_path.split("/"), on_symlink=_SymlinkMet)
+        except _SymlinkMet:
+            descriptor = self._open_regular(self.resolve(relative_path))
         with os.fdopen(descriptor, "rb", buffering=0) as reader:
             yield cast(BinaryIO, reader)
 
     def _open_regular(self, real: str) -> int:
         parts = [] if real == self.root else os.path.relpath(real, self.root).split(os.sep)
+        return self._open_parts(parts)
+
+    def _open_parts(self, parts: list[str], on_symlink: type[Exception] | None = None) -> int:
+        """Open the regular file at ``parts`` under the root, each part relative to its parent with
+        ``O_NOFOLLOW``. A symlink part is :class:`UnsafePath`, or ``on_symlink`` when given (the caller
+        resolves the path first)."""
         if not parts:
             raise MissingBlob("path names MEDIA_ROOT itself, not a file")
         try:
@@ -133,6 +149,8 @@ class LocalMediaSource:
                 except OSError as problem:  # its message names the file: never passed on
                     raise _local_problem(problem) from None
                 if stat.S_ISLNK(info.st_mode):
+                    if on_symlink is not None:
+                        raise on_symlink()
                     # realpath resolved every symlink it could: one left is a loop, or was swapped in since.
                     raise UnsafePath("path goes through a symlink that cannot be resolved safely")
                 if not last:
@@ -166,6 +184,10 @@ class LocalMediaSource:
             if problem.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise UnsafePath("path changed to a symlink while being opened") from None
             raise _local_problem(problem) from None
+
+
+class _SymlinkMet(Exception):
+    """A path opened part by part met a symlink: it is resolved before it is opened."""
 
 
 def _local_problem(problem: OSError) -> MediaError:
@@ -219,6 +241,7 @@ class SFTPMediaSource:
     """
 
     WINDOW_BYTES = 4 * 1024 * 1024
+    concurrent_opens: ClassVar[bool] = False  # one SFTP session: one file at a time
 
     def __init__(
         self,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import random
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from google.api_core.datetime_helpers import DatetimeWithNanoseconds
 
 from worker import app_rules, rules
 from worker.app_rules import Quarantined
@@ -488,3 +490,60 @@ def test_golden_vectors_pin_the_hash_bytes() -> None:
         "filters": migrate_filter(filter_row()),
     }
     assert {entity: app_rules.document_hash(entity, doc) for entity, doc in documents.items()} == GOLDEN
+
+
+def _random_value(rng: random.Random, depth: int = 0) -> Any:
+    kinds = ["str", "int", "bool", "none", "float", "aware", "naive", "old", "date", "nanos"]
+    if depth < 3:
+        kinds += ["dict", "list", "tuple"]
+    kind = rng.choice(kinds)
+    if kind == "str":
+        return "".join(rng.choice(["a", " ", "ñ", "日", '"', "\\", "\n", "🚀", "é"]) for _ in range(rng.randint(0, 6)))
+    if kind == "int":
+        return rng.choice([0, -1, 7, 2**63 - 1, -(2**63), 2**70])
+    if kind == "bool":
+        return rng.random() < 0.5
+    if kind == "none":
+        return None
+    if kind == "float":
+        return rng.choice([0.1, -2.5, 1e300, float("nan"), 3.0])
+    moment = datetime(2025, 5, 6, 7, 8, 9, rng.choice([0, 123456]), tzinfo=timezone(timedelta(hours=-5)))
+    if kind == "aware":
+        return moment
+    if kind == "naive":
+        return moment.replace(tzinfo=None)
+    if kind == "old":
+        return datetime(rng.choice([1, 999, 1000, 1969]), 12, 31, 23, 59, 59, tzinfo=UTC)
+    if kind == "date":
+        return moment.date()
+    if kind == "nanos":
+        return DatetimeWithNanoseconds(2020, 1, 2, 3, 4, 5, nanosecond=123456789, tzinfo=UTC)
+    items = [_random_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    if kind == "list":
+        return items
+    if kind == "tuple":
+        return tuple(items)
+    return {rng.choice(["b", "a", "ñ", "__x__", "z z"]): item for item in items}
+
+
+def test_the_fast_hash_is_rules_content_hash_byte_for_byte() -> None:
+    """document_hash computes the common types itself: the same digest as rules.content_hash, whatever the values."""
+    rng = random.Random(8)
+    for _ in range(3000):
+        document = {name: _random_value(rng) for name in rng.sample(["legacy_id", "b", "a", "ñ", "x", "shard"], 4)}
+        fields = {name: value for name, value in document.items() if name not in ("shard", "blob_url")}
+        assert app_rules.document_hash("files", document) == rules.content_hash(fields), document
+
+
+def test_the_value_rule_and_the_size_rule_agree_with_firestore_size() -> None:
+    """The one walk that finds problems also sizes the document: exactly firestore_size.document_size."""
+    rng = random.Random(9)
+    limit = MAX_DOCUMENT_BYTES
+    for _ in range(300):
+        size = rng.choice([limit // 2, limit - 200, limit - 60, limit - 40, limit + 10])
+        document = {"legacy_id": 1, "name": "n" * (size - 100), "tags": ["a", "b"], "when": datetime.now(UTC)}
+        exact = document_size("files/1", document)
+        problem = app_rules.firestore_value_problem(document, "files/1")
+        assert (problem is None) == (exact <= limit), (exact, problem)
+        if problem is not None:
+            assert problem == "document is larger than 1 MiB (largest field: name)"

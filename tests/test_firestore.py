@@ -12,8 +12,11 @@ from typing import Any
 
 import pytest
 from google.api_core import exceptions as api_exceptions
-from google.cloud.firestore_v1.batch import WriteBatch
+from google.api_core.datetime_helpers import DatetimeWithNanoseconds
+from google.cloud.firestore import GeoPoint
 from google.cloud.firestore_v1.query import Query
+from google.cloud.firestore_v1.services.firestore import FirestoreClient as FirestoreApi
+from google.cloud.firestore_v1.types.firestore import CommitRequest
 
 from resources.firestore import (
     MAX_BYTES_PER_REQUEST,
@@ -252,23 +255,24 @@ def resource(firestore_emulator: str, firestore_project: str) -> FirestoreResour
 
 
 class CommitSpy:
-    """Counts WriteBatch commits (each one request to the emulator); can fail chosen attempts first."""
+    """Counts Commit requests to the emulator, at the Firestore API client every commit goes through (the
+    writer's own requests and the client library's ``WriteBatch`` alike); can fail chosen attempts first."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls = 0
         self.sizes: list[int] = []
         self.fail: Callable[[int], Exception | None] = lambda _call: None
-        original = WriteBatch.commit
+        original = FirestoreApi.commit
 
-        def commit(batch: WriteBatch, *args: Any, **kwargs: Any) -> Any:
+        def commit(api: FirestoreApi, *args: Any, request: Any = None, **kwargs: Any) -> Any:
             self.calls += 1
-            self.sizes.append(len(batch))
+            self.sizes.append(len(request["writes"] if isinstance(request, dict) else request.writes))
             error = self.fail(self.calls)
             if error is not None:
                 raise error
-            return original(batch, *args, **kwargs)
+            return original(api, *args, request=request, **kwargs)
 
-        monkeypatch.setattr(WriteBatch, "commit", commit)
+        monkeypatch.setattr(FirestoreApi, "commit", commit)
 
 
 @pytest.fixture
@@ -315,6 +319,52 @@ def test_exact_firestore_types_round_trip(resource: FirestoreResource) -> None:
         assert stored[key].utcoffset() == timedelta(0)
     assert stored["uploaded_at"].hour == 17
     assert isinstance(stored["definition"], dict) and isinstance(stored["definition"]["rules"], list)
+
+
+def test_the_writers_requests_are_the_client_librarys_byte_for_byte(
+    resource: FirestoreResource, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer builds its Commit requests itself (10x cheaper than proto-plus): the same messages as the
+    client library's ``WriteBatch.set``/``delete`` of the same writes, every type and corner included."""
+    client = resource.client()
+    data = {
+        "int": 42,
+        "big": 2**63 - 1,
+        "negative": -(2**63),
+        "ratio": 0.25,
+        "yes": True,
+        "no": False,
+        "nothing": None,
+        "text": "Ñandú  日本 \U0001f680",
+        "empty_text": "",
+        "aware": datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=timezone(timedelta(hours=-5))),
+        "naive": datetime(1960, 1, 1, 0, 0, 0, 500000),
+        "last": datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        "first": datetime(1, 1, 1, tzinfo=UTC),
+        "nanos": DatetimeWithNanoseconds(2020, 1, 1, 1, 1, 1, nanosecond=123456789, tzinfo=UTC),
+        "raw": b"\x00\x01",
+        "tuple": (1, 2),
+        "a.b": {"`c`": [1, "a", None, {"q": []}], "empty": {}},
+        "list_of_maps": [{}, {"x": {"y": {}}}],
+        "empty_list": [],
+        "empty_map": {},
+        "geo": GeoPoint(1.5, -2.5),
+        "reference": client.document("users/7"),
+    }
+    writes = [Write("users/1", data), Write("users/2", {}), Write("files/3", {"n": 3}), Write("users/4", None)]
+    sent: list[Any] = []
+    original = FirestoreApi.commit
+
+    def commit(api: FirestoreApi, *args: Any, request: Any = None, **kwargs: Any) -> Any:
+        sent.append(CommitRequest.pb(CommitRequest(request)))
+        return original(api, *args, request=request, **kwargs)
+
+    monkeypatch.setattr(FirestoreApi, "commit", commit)
+    DocumentWriter(client).commit(writes)  # the client library's WriteBatch
+    resource.writer().commit(writes)  # the writer's own requests
+    assert len(sent) == 2 and resource.writer().channel is not None
+    assert sent[0] == sent[1]
+    assert sent[0].SerializeToString(deterministic=True) == sent[1].SerializeToString(deterministic=True)
 
 
 def test_set_replaces_the_whole_document_and_none_deletes(resource: FirestoreResource) -> None:
@@ -455,6 +505,34 @@ def test_get_many_in_chunks_keeps_the_order_and_marks_missing(resource: Firestor
     assert resource.writer().get_many(["users/4"]) == {"users/4": {"n": 4, "content_hash": "h4", "shard": "s0"}}
 
 
+def test_the_writers_reads_are_the_client_librarys(resource: FirestoreResource) -> None:
+    """The writer decodes what it reads itself: the same values as the client library's snapshots (which it
+    falls back on for what it does not decode: references, bytes, maps with ``__`` keys)."""
+    client = resource.client()
+    plain = {
+        "int": -(2**63),
+        "ratio": 0.5,
+        "yes": True,
+        "nothing": None,
+        "text": "Ñandú 日本",
+        "when": datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC),
+        "map": {"a": [1, {"b": []}, None], "empty": {}},
+        "list": [],
+    }
+    unusual = {"raw": b"\x01", "reference": client.document("users/1"), "underscored": {"__kind": "x"}}
+    writer = resource.writer()
+    writer.commit([Write("users/1", plain), Write("users/2", unusual), Write("files/3", {"n": 3})])
+    paths = ["users/1", "users/9", "files/3", "users/1"]
+    for fields in (None, ["int", "when", "map"], ["missing"]):
+        assert writer.get_many(paths, fields=fields) == get_many(client, paths, fields=fields)
+    ours, library = writer.get_many(["users/2", "users/1"]), get_many(client, ["users/2", "users/1"])
+    assert ours["users/1"] == library["users/1"] == plain
+    unusual_ours, unusual_library = dict(ours["users/2"] or {}), dict(library["users/2"] or {})
+    assert unusual_ours.pop("reference").path == unusual_library.pop("reference").path == "users/1"
+    assert unusual_ours == unusual_library == {"raw": b"\x01", "underscored": {"__kind": "x"}}
+    assert isinstance(ours["users/1"]["when"], DatetimeWithNanoseconds)  # as the library returns timestamps
+
+
 def test_the_resource_talks_to_its_emulator_without_touching_the_environment(
     firestore_emulator: str, firestore_project: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -476,9 +554,10 @@ def test_writer_has_no_limiter_on_the_emulator_and_the_ramp_up_on_firestore(
     assert resource.is_emulator and resource.writer().limiter is None
     production = FirestoreResource(project="prod-project")
     assert not production.is_emulator
-    # no Google credentials on a test machine: hand the production resource the emulator's client
-    emulator_client = resource.client()
+    # no Google credentials on a test machine: hand the production resource the emulator's client and API
+    emulator_client, emulator_channel = resource.client(), resource.commit_channel()
     monkeypatch.setattr(FirestoreResource, "client", lambda _self: emulator_client)
+    monkeypatch.setattr(FirestoreResource, "commit_channel", lambda _self: emulator_channel)
     writer = production.writer(max_writes=MAX_WRITES_PER_REQUEST)
     assert isinstance(writer.limiter, RampUpLimiter) and writer.limiter.rate() == 500
     assert writer.commit([Write("users/1", {"n": 1})]).writes == 1  # one op: no wait from a full bucket

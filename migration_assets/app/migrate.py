@@ -13,6 +13,11 @@ the batch size, never on the table). For each batch:
    every document a run changes has its ledger row even if the run is killed in between; then the
    Firestore writes, in requests of at most 500 writes / ~3 MiB; then the checkpoint.
 
+Steps 1 and 2 of a page run on reader threads up to ``LOOKAHEAD`` pages ahead of the page whose ledger
+and commit are under way (with the shard's count, read once at the start, and each parent looked up
+once per run), so Firestore, the Django DB, the disk and the rules' Python work at the same time;
+step 3 stays on the run's own connection and thread, in page order.
+
 A killed run leaves its last checkpoint; the next run resumes after it, and a replayed batch finds
 its documents already written (same hash: unchanged). One writer per entity and shard: the
 advisory lock is held on the control DB connection and re-checked before every Firestore commit.
@@ -24,11 +29,14 @@ run before anything is deleted, unless ``allow_mass_delete``.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -49,6 +57,12 @@ BACKUP_PREFIX = "previous"  # blobs a run overwrote or deleted: previous/{run_id
 TIMESTAMP = "$timestamp"  # how a Firestore timestamp is kept in the ledger's JSON
 DEFAULT_BATCH_SIZE = 500
 IN_FLIGHT = 2  # Firestore commit requests a run keeps going at once
+LOOKAHEAD = 2  # pages read and decided ahead of the one whose ledger and commit are under way
+READERS = 2 + LOOKAHEAD  # the shard's count, the page reader, and the pages being prepared
+BLOB_WORKERS = 2  # files copied at once from a media source that allows it (a local folder); 4 and 8 measured slower
+
+
+_SCHEMAS_READY: weakref.WeakSet[Engine] = weakref.WeakSet()  # control DB engines whose tables this process made
 
 
 @dataclass(frozen=True)
@@ -117,6 +131,65 @@ class Pending:
     counts: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Parents:
+    """The parents a batch's rows name that are migrated: users (files, filters) and files (filters)."""
+
+    users: set[Any] = field(default_factory=set)
+    files: set[Any] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A page of source rows, the documents they already have in Firestore, and the rules' decisions."""
+
+    rows: list[dict[str, Any]]
+    existing: Mapping[str, Any]
+    decisions: list[Decision]
+
+
+class Lookahead(Iterator[Prepared]):
+    """Prepared pages handed from a producer thread to the run, in order, at most ``depth`` ahead.
+
+    The producer ``offer``s each page's future (``None`` at the end); iterating yields their results
+    (a failed page raises). ``close`` stops the producer: its ``offer`` then returns False."""
+
+    def __init__(self, depth: int) -> None:
+        self._ready: queue.Queue[Future[Prepared] | None] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._done = False
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def offer(self, item: Future[Prepared] | None) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __next__(self) -> Prepared:
+        if self._done:
+            raise StopIteration
+        item = self._ready.get()
+        if item is None:
+            self._done = True
+            raise StopIteration
+        try:
+            return item.result()
+        except BaseException:
+            self._done = True
+            raise
+
+    def close(self) -> None:
+        self._done = True
+        self._stop.set()
+
+
 @dataclass
 class Decision:
     """What the rules made of one source row: its document, or why it is quarantined."""
@@ -126,6 +199,7 @@ class Decision:
     reason: str | None = None
     detail: str | None = None
     blob_backup: str | None = None  # where this run kept the blob it overwrote
+    digest: str | None = None  # the document's content hash
 
 
 class AppMigration:
@@ -161,6 +235,10 @@ class AppMigration:
         self.delete_budget: int | None = None  # deletions this full run may make; None: unlimited
         self.migrated_before = 0  # the shard's documents when the run started
         self.fresh = False  # the shard had no document when the run started: nothing to read back
+        self.copiers: ThreadPoolExecutor | None = None  # the run's blob-copy threads, while it runs
+        self._parents_seen: dict[str, dict[Any, bool]] = {}  # collection → parent id → migrated?
+        self._parents_locks = {"users": threading.Lock(), "files": threading.Lock()}
+        self.lookups: ThreadPoolExecutor | None = None  # a filter page's second parent lookup, while it runs
         self.book = RunBook(
             entity=params.entity,
             partition_key=params.shard,
@@ -180,7 +258,9 @@ class AppMigration:
 
     def run(self) -> Result:
         started = time.monotonic()
-        schema.create_schemas(self.state, schema.state_metadata)
+        if self.state not in _SCHEMAS_READY:  # once per control DB engine and process, not per shard's run
+            schema.create_schemas(self.state, schema.state_metadata)
+            _SCHEMAS_READY.add(self.state)
         p = self.params
         with ExitStack() as stack:
             state = stack.enter_context(self.state.connect())
@@ -203,15 +283,26 @@ class AppMigration:
                 self.log(f"resuming after legacy id {after}, checkpointed by run {resumed_from}")
                 self._settle_write_ahead(state, resumed_from, after)
             read_before = counts.read
-            self.book.record_start(state, mode, resumed_from)
-            sweeps = mode == "full" and p.mode == "full"
+            # Reads run ahead of the batches on threads of their own (they wait on Firestore and the
+            # Django DB, not on the GIL): the shard's document count, the next page of source rows and
+            # the parents its rows name; so do a batch's blob copies (see _decide).
+            self.copiers = stack.enter_context(
+                ThreadPoolExecutor(max_workers=BLOB_WORKERS, thread_name_prefix="blob-copy")
+            )
+            self.lookups = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="parent-lookup"))
+            readers = stack.enter_context(ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="app-read"))
             # The shard's documents before this run (a count aggregation, nothing read): a full run's
             # deletion budget, and, when there are none (a first run), no document needs reading back.
-            self.migrated_before = self.firestore.count(p.entity, p.shard)
-            self.fresh = self.migrated_before == 0
-            if sweeps and not p.allow_mass_delete:
-                self.delete_budget = int(self.migrated_before * p.max_delete_share)
+            # Counted while the run is recorded and its first pages are read.
+            counted = readers.submit(self.firestore.count, p.entity, p.shard)
+            batches = stack.enter_context(closing(self._prepared_batches(readers, counted, after, since)))
+            self.book.record_start(state, mode, resumed_from)
+            sweeps = mode == "full" and p.mode == "full"
             try:
+                self.migrated_before = counted.result()
+                self.fresh = self.migrated_before == 0
+                if sweeps and not p.allow_mass_delete:
+                    self.delete_budget = int(self.migrated_before * p.max_delete_share)
                 last_report = time.monotonic()
                 before = Counts.from_dict(counts.as_dict())
                 # Firestore commits run on threads, IN_FLIGHT batches at a time, while the next batch is
@@ -219,14 +310,14 @@ class AppMigration:
                 # checkpoint follows its own commit and every earlier one, in order.
                 in_flight: deque[Pending] = deque()
                 with ThreadPoolExecutor(max_workers=IN_FLIGHT, thread_name_prefix="firestore-commit") as committer:
-                    for rows in self._pages(after, since):
-                        batch = self._apply_batch(state, rows, counts, before.deleted)
+                    for prepared in batches:
+                        batch = self._apply_batch(state, prepared, counts, before.deleted)
                         while len(in_flight) >= IN_FLIGHT:
                             self._finish(state, in_flight.popleft(), watermark)
                         if batch.writes:
                             locks.require_held(state, p.entity, p.shard)
                         batch.future = committer.submit(self._commit_writes, batch.writes)
-                        batch.last_id, batch.counts = int(rows[-1]["id"]), counts.as_dict()
+                        batch.last_id, batch.counts = int(prepared.rows[-1]["id"]), counts.as_dict()
                         in_flight.append(batch)
                         after = batch.last_id
                         if time.monotonic() - last_report >= 5:
@@ -278,31 +369,73 @@ class AppMigration:
             latest = source.scalar(select(func.max(self.source.c[self.updated_at])).where(self._eligible()))
         return rules.coerce_datetime(latest)
 
-    def _pages(self, after: int, since: datetime | None) -> Iterator[list[dict[str, Any]]]:
+    def _page(self, after: int, since: datetime | None) -> list[dict[str, Any]]:
+        """The shard's next ``batch_size`` source rows after legacy id ``after`` (changed since ``since``)."""
         t = self.source
-        while True:
-            query = select(t).where(self._eligible(), t.c.id > after)
-            if since is not None:
-                query = query.where(t.c[self.updated_at] > since)  # type: ignore[index]
-            with self.django.connect() as source:
-                rows = [
-                    dict(row) for row in source.execute(query.order_by(t.c.id).limit(self.params.batch_size)).mappings()
-                ]
-            if not rows:
+        query = select(t).where(self._eligible(), t.c.id > after)
+        if since is not None:
+            query = query.where(t.c[self.updated_at] > since)  # type: ignore[index]
+        with self.django.connect() as source:
+            result = source.execute(query.order_by(t.c.id).limit(self.params.batch_size)).mappings()
+            return [dict(row) for row in result]
+
+    def _prepared_batches(
+        self, readers: ThreadPoolExecutor, counted: Future[int], after: int, since: datetime | None
+    ) -> Lookahead:
+        """The shard's source rows in id order, a page of ``batch_size`` at a time (keyset pages), each page
+        prepared (:meth:`_prepare`: its parents and documents read, its rows decided, its blobs copied) on
+        ``readers`` up to ``LOOKAHEAD`` pages ahead of the caller, who writes a page's ledger and commits
+        it meanwhile. Reading starts at once; close it to stop when the caller stops early."""
+        lookahead = Lookahead(LOOKAHEAD)
+
+        def produce() -> None:
+            position = after
+            try:
+                while not lookahead.stopped:
+                    rows = self._page(position, since)
+                    if not rows:
+                        break
+                    position = int(rows[-1]["id"])
+                    if not lookahead.offer(readers.submit(self._prepare, rows, counted)):
+                        return
+            except BaseException as problem:
+                failed: Future[Prepared] = Future()
+                failed.set_exception(problem)
+                lookahead.offer(failed)
                 return
-            yield rows
-            after = int(rows[-1]["id"])
+            lookahead.offer(None)
+
+        readers.submit(produce)
+        return lookahead
+
+    def _prepare(self, rows: list[dict[str, Any]], counted: Future[int]) -> Prepared:
+        """What a page needs before its ledger is written: the parents its rows name, the documents its
+        rows already have (none to read when the shard was empty at the start: ``counted``), and each
+        row's decision — users' and filters' before the count is known (they do not depend on what is
+        stored), files' after (a stored file may keep its blob)."""
+        parents = self._parents(rows)
+        files = self.params.entity == "files"
+        decisions = [] if files else self._decide(rows, {}, parents)
+        fresh = counted.result() == 0
+        existing = {} if fresh else self.firestore.get_many([self.path(int(row["id"])) for row in rows])
+        return Prepared(rows, existing, self._decide(rows, existing, parents) if files else decisions)
+
+    def _parents(self, rows: Sequence[Mapping[str, Any]]) -> Parents:
+        """Which users (files, filters) and files (filters) that ``rows`` name are migrated (a filter's
+        two lookups at once)."""
+        entity = self.params.entity
+        file_ids = {row["file_id"] for row in rows} if entity == "filters" else set()
+        files = self.lookups.submit(self._migrated, "files", file_ids) if self.lookups and file_ids else None
+        users = self._migrated("users", {row["user_id"] for row in rows} if entity != "users" else set())
+        return Parents(users, files.result() if files is not None else self._migrated("files", file_ids))
 
     # --- one batch -----------------------------------------------------------------------
 
-    def _apply_batch(
-        self, state: Connection, rows: Sequence[Mapping[str, Any]], counts: Counts, deleted_before: int
-    ) -> Pending:
-        """Decide ``rows``, count them and commit their ledger and quarantine rows (write-ahead); the
+    def _apply_batch(self, state: Connection, prepared: Prepared, counts: Counts, deleted_before: int) -> Pending:
+        """Count a prepared page's decisions and commit their ledger and quarantine rows (write-ahead); the
         Firestore writes and blob moves are returned, for the caller to carry out."""
         p = self.params
-        existing = {} if self.fresh else self.firestore.get_many([self.path(int(row["id"])) for row in rows])
-        decisions = self._decide(rows, existing)
+        rows, existing, decisions = prepared.rows, prepared.existing, prepared.decisions
         writes: list[Write] = []
         ledger: list[dict[str, Any]] = []
         quarantine: list[dict[str, Any]] = []
@@ -324,7 +457,7 @@ class AppMigration:
                     kept = move[1] if move else None
                     ledger.append(self._ledger_row(decision.legacy_id, path, "deleted", None, previous, kept, now))
                 continue
-            digest = app_rules.document_hash(p.entity, decision.document)
+            digest = decision.digest or app_rules.document_hash(p.entity, decision.document)
             if old is not None and old.get("content_hash") == digest:
                 counts.unchanged += 1
                 continue
@@ -416,37 +549,50 @@ class AppMigration:
 
     # --- the rules, per entity ---------------------------------------------------------------
 
-    def _decide(self, rows: Sequence[Mapping[str, Any]], existing: Mapping[str, Any]) -> list[Decision]:
-        entity = self.params.entity
-        users = self._migrated("users", {row["user_id"] for row in rows} if entity != "users" else set())
-        files = self._migrated("files", {row["file_id"] for row in rows} if entity == "filters" else set())
-        decisions = []
-        for row in rows:
+    def _decide(
+        self, rows: Sequence[Mapping[str, Any]], existing: Mapping[str, Any], parents: Parents
+    ) -> list[Decision]:
+        """Each row's decision, in the rows' order. Files copy their blobs on ``BLOB_WORKERS`` threads when
+        the media source can open several files at once (local folders: the copies wait on the disk,
+        not on the GIL); one at a time otherwise (an SFTP session)."""
+
+        def decide(row: Mapping[str, Any]) -> Decision:
             decision = Decision(legacy_id=int(row["id"]))
             try:
                 if entity == "users":
                     document = app_rules.transform_user(row)
                 elif entity == "files":
-                    document = self._file(row, existing.get(self.path(decision.legacy_id)), users, decision)
+                    old = existing.get(self.path(decision.legacy_id))
+                    document = self._file(row, old, parents.users, decision)
                 else:
-                    app_rules.require_user(row["user_id"] in users)
-                    app_rules.require_file(row["file_id"], row["file_id"] in files)
+                    app_rules.require_user(row["user_id"] in parents.users)
+                    app_rules.require_file(row["file_id"], row["file_id"] in parents.files)
                     document = app_rules.filter_document(row)
                 decision.document = document  # the transforms refuse what Firestore cannot hold
+                decision.digest = app_rules.document_hash(entity, document)
             except rules.Quarantined as refused:
                 decision.reason, decision.detail = refused.reason, refused.detail
             except MediaError as refused:
                 decision.reason, decision.detail = refused.reason, refused.detail
-            decisions.append(decision)
-        return decisions
+            return decision
+
+        entity = self.params.entity
+        if entity == "files" and self.copiers is not None and getattr(self.media, "concurrent_opens", False):
+            return list(self.copiers.map(decide, rows))
+        return [decide(row) for row in rows]
 
     def _migrated(self, collection: str, ids: set[Any]) -> set[Any]:
-        """Which of ``ids`` have a document in ``collection`` (a reference must name a migrated record)."""
-        wanted = sorted(i for i in ids if i is not None)
-        if not wanted:
-            return set()
-        found = self.firestore.get_many([f"{collection}/{i}" for i in wanted], fields=["legacy_id"])
-        return {i for i in wanted if found.get(f"{collection}/{i}") is not None}
+        """Which of ``ids`` have a document in ``collection`` (a reference must name a migrated record).
+
+        Each parent is looked up once per run (pages of one shard name the same users again and again):
+        the answer is the parent collection as the run first found it."""
+        with self._parents_locks[collection]:  # pages prepared at once share their lookups, not repeat them
+            known = self._parents_seen.setdefault(collection, {})
+            wanted = sorted(i for i in ids if i is not None and i not in known)
+            if wanted:
+                found = self.firestore.get_many([f"{collection}/{i}" for i in wanted], fields=["legacy_id"])
+                known.update((i, found.get(f"{collection}/{i}") is not None) for i in wanted)
+            return {i for i in ids if i is not None and known.get(i)}
 
     def _file(
         self, row: Mapping[str, Any], old: Mapping[str, Any] | None, users: set[Any], decision: Decision
