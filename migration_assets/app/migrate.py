@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Engine, delete, func, select
+from sqlalchemy import Connection, Engine, and_, delete, func, select
 
 from resources.blobstore import BlobStore, copy_blob, hash_source
 from resources.firestore import DocumentWriter, Write
@@ -474,7 +474,9 @@ class AppMigration:
             return Pending()
         ids = [decision.legacy_id for decision in decisions]
         q = schema.quarantine
-        state.execute(delete(q).where(q.c.entity == p.entity, q.c.partition_key == p.shard, q.c.legacy_id.in_(ids)))
+        # One array parameter, not an IN list: psycopg re-parses a long query's text on every execution.
+        mine = and_(q.c.entity == p.entity, q.c.partition_key == p.shard)
+        state.execute(delete(q).where(mine, store.one_of(state, q.c.legacy_id, ids)))
         store.insert_rows(state, q, quarantine)  # COPY on PostgreSQL
         store.insert_rows(state, schema.ledger, ledger)
         state.commit()  # write-ahead: the ledger knows before Firestore changes
@@ -504,7 +506,7 @@ class AppMigration:
 
         never = [row.id for row in rows if not happened(row.action, found.get(row.target_id))]
         if never:
-            state.execute(delete(ledger).where(ledger.c.id.in_(never)))
+            state.execute(delete(ledger).where(store.one_of(state, ledger.c.id, never)))
         state.commit()
 
     def _write(self, state: Connection, writes: Sequence[Write]) -> None:
@@ -668,7 +670,7 @@ class AppMigration:
             ids = [int(data["legacy_id"]) for _, data in page]
             t = self.source
             with self.django.connect() as source:
-                present = set(source.scalars(select(t.c.id).where(self._eligible(), t.c.id.in_(ids))))
+                present = set(source.scalars(select(t.c.id).where(self._eligible(), store.one_of(source, t.c.id, ids))))
             yield from ((path, data) for path, data in page if int(data["legacy_id"]) not in present)
 
         for document in self.firestore.stream_collection(self.params.entity, self.params.shard):
