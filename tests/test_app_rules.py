@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -526,11 +527,36 @@ def _random_value(rng: random.Random, depth: int = 0) -> Any:
     return {rng.choice(["b", "a", "ñ", "__x__", "z z"]): item for item in items}
 
 
-def test_the_fast_hash_is_rules_content_hash_byte_for_byte() -> None:
-    """document_hash computes the common types itself: the same digest as rules.content_hash, whatever the values."""
+def _plain_typed(value: Any) -> list[Any]:
+    """rules._typed as first written (isinstance order, strftime, json.dumps): the reference its fast
+    paths are held to."""
+    if value is None:
+        return ["null"]
+    if isinstance(value, bool):
+        return ["bool", value]
+    if isinstance(value, int):
+        return ["int", str(value)]
+    if isinstance(value, float):
+        return ["float", repr(value)]
+    if isinstance(value, datetime):
+        aware = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return ["datetime", aware.strftime("%Y-%m-%dT%H:%M:%S.%fZ")]
+    if isinstance(value, date):
+        return ["date", value.isoformat()]
+    if isinstance(value, str):
+        return ["str", value]
+    return ["json", json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)]
+
+
+def test_the_canonical_form_is_the_plain_one_byte_for_byte() -> None:
+    """rules.canonical_form looks the common types up first and reuses its JSON encoders: the same text as
+    the plain serialization, whatever the values (and so the same document_hash)."""
     rng = random.Random(8)
     for _ in range(3000):
         document = {name: _random_value(rng) for name in rng.sample(["legacy_id", "b", "a", "ñ", "x", "shard"], 4)}
+        plain = json.dumps([[k, *_plain_typed(document[k])] for k in sorted(document)], ensure_ascii=False,
+                           separators=(",", ":"))  # fmt: skip
+        assert rules.canonical_form(document) == plain, document
         fields = {name: value for name, value in document.items() if name not in ("shard", "blob_url")}
         assert app_rules.document_hash("files", document) == rules.content_hash(fields), document
 

@@ -30,8 +30,6 @@ Decisions where §6 is silent (the caller and the tests rely on them):
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import uuid
 from collections.abc import Mapping
@@ -136,21 +134,20 @@ def _checked_size(value: Any, depth: int) -> int:
     value); in an array, item by item (an array directly inside it, then the item); any other type."""
     if depth > MAX_FIELD_DEPTH:
         raise _Refused(f"nests deeper than {MAX_FIELD_DEPTH} levels")
-    kind = type(value)
-    if kind is str:
+    if isinstance(value, str):
         try:
             return len(value.encode("utf-8")) + 1
         except UnicodeEncodeError:  # a lone surrogate: not Unicode text, Firestore cannot store it
             raise _Refused("holds text that is not valid Unicode") from None
-    if value is None or kind is bool:
+    if value is None or isinstance(value, bool):
         return 1
-    if kind is int:
+    if isinstance(value, int):
         if not INT64[0] <= value <= INT64[1]:
             raise _Refused("holds an integer outside the 64-bit range")
         return 8
-    if kind is float or isinstance(value, datetime):
+    if isinstance(value, float | datetime):
         return 8
-    if kind is dict or isinstance(value, Mapping):
+    if isinstance(value, Mapping):
         size = 0
         for key, item in value.items():
             problem = _key_problem(key)
@@ -158,24 +155,13 @@ def _checked_size(value: Any, depth: int) -> int:
                 raise _Refused(problem)
             size += len(key.encode("utf-8")) + 1 + _checked_size(item, depth + 1)
         return size
-    if kind is list or isinstance(value, list | tuple):
+    if isinstance(value, list | tuple):
         size = 0
         for item in value:
             if isinstance(item, list | tuple):
                 raise _Refused("holds an array inside an array")
             size += _checked_size(item, depth + 1)
         return size
-    if isinstance(value, bool):
-        return 1
-    if isinstance(value, int):
-        return _checked_size(int(value), depth)
-    if isinstance(value, float):
-        return 8
-    if isinstance(value, str):
-        try:
-            return len(value.encode("utf-8")) + 1
-        except UnicodeEncodeError:
-            raise _Refused("holds text that is not valid Unicode") from None
     raise _Refused("holds a value of a type Firestore cannot store")
 
 
@@ -532,33 +518,6 @@ APP_ENTITIES: dict[str, AppEntity] = {
 
 
 _UNHASHED = frozenset(BOOKKEEPING) | frozenset(TARGET_ONLY)
-_CANONICAL = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # rules.canonical_form's settings
-_CANONICAL_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True, default=str)
-
-
-class _Uncommon(Exception):
-    """A value the fast typed form leaves to ``rules.content_hash``."""
-
-
-def _hash_typed(value: Any) -> list[Any]:
-    """``rules.content_hash``'s typed form of one value, byte for byte (the golden vectors and a test of
-    random documents against ``rules.content_hash`` pin it), with the common types looked up first."""
-    kind = type(value)
-    if kind is str:
-        return ["str", value]
-    if value is None:
-        return ["null"]
-    if kind is bool:
-        return ["bool", value]
-    if kind is int:
-        return ["int", str(value)]
-    if kind is datetime:
-        aware = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-        if aware.year >= 1000 and type(aware) is datetime:  # strftime's %Y does not pad years below 1000
-            return ["datetime", aware.isoformat(timespec="microseconds")[:-6] + "Z"]
-    elif kind is dict or kind is list:
-        return ["json", _CANONICAL_JSON.encode(value)]
-    raise _Uncommon  # floats, dates, subclasses…: rules.content_hash itself hashes the document
 
 
 def document_hash(entity: str, document: Mapping[str, Any]) -> str:
@@ -570,13 +529,8 @@ def document_hash(entity: str, document: Mapping[str, Any]) -> str:
     although the source is the same. The same source must give the same hash on any target; a
     blob's bytes are covered by ``sha256``, which is hashed. Everything else in the document is
     hashed, so a field the target gained or lost is a mismatch. Works on what the worker built
-    and on what Firestore hands back (timestamps compare in UTC). The same bytes as
-    ``rules.content_hash``, computed with less work per value.
+    and on what Firestore hands back (timestamps compare in UTC).
     """
     if entity not in APP_ENTITIES:
         raise ValueError("unknown app entity")
-    try:
-        typed = [[name, *_hash_typed(document[name])] for name in sorted(document) if name not in _UNHASHED]
-    except _Uncommon:
-        return content_hash({name: value for name, value in document.items() if name not in _UNHASHED})
-    return hashlib.sha256(_CANONICAL.encode(typed).encode("utf-8")).hexdigest()
+    return content_hash({name: value for name, value in document.items() if name not in _UNHASHED})

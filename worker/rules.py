@@ -322,9 +322,19 @@ def first_claim_wins(claims: Mapping[int, str], held: Mapping[str, int]) -> tupl
 # --- content hash ----------------------------------------------------------------------------
 
 
+# The canonical form's JSON settings, as prebuilt encoders (json.dumps builds one per call).
+_FORM_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_VALUE_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True, default=str)
+
+
 def _typed(value: Any) -> list[Any]:
+    kind = type(value)  # the common exact types first (one look-up each), then the general cases
+    if kind is str:
+        return ["str", value]
     if value is None:
         return ["null"]
+    if kind is int:
+        return ["int", str(value)]
     if isinstance(value, bool):
         return ["bool", value]
     if isinstance(value, int):
@@ -333,23 +343,21 @@ def _typed(value: Any) -> list[Any]:
         return ["float", repr(value)]
     if isinstance(value, datetime):
         aware = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        if type(aware) is datetime and aware.year >= 1000:  # isoformat is strftime's text here, faster
+            return ["datetime", aware.isoformat(timespec="microseconds")[:-6] + "Z"]
         return ["datetime", aware.strftime("%Y-%m-%dT%H:%M:%S.%fZ")]
     if isinstance(value, date):
         return ["date", value.isoformat()]
     if isinstance(value, str):
         return ["str", value]
     if isinstance(value, (dict, list, tuple)):
-        return ["json", json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)]
+        return ["json", _VALUE_JSON.encode(value)]
     raise TypeError(f"content_hash cannot serialize a {type(value).__name__}")
 
 
 def canonical_form(fields: Mapping[str, Any]) -> str:
     """Typed, key-sorted serialization: JSON escaping makes every separator unambiguous."""
-    return json.dumps(
-        [[key, *_typed(fields[key])] for key in sorted(fields)],
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
+    return _FORM_JSON.encode([[key, *_typed(fields[key])] for key in sorted(fields)])
 
 
 def content_hash(fields: Mapping[str, Any]) -> str:
