@@ -45,7 +45,6 @@ from demo.legacy_data import generate
 from demo.sshd import running_sshd
 from resources.ssh import SSHResource
 from worker import schema
-from worker.params import DEFAULT_BATCH_SIZE
 
 WORKER = str(Path(sys.executable).with_name("clinic-migrate"))
 SISTEMA = "BENCH"
@@ -84,7 +83,7 @@ class WorkerRun:
 
 
 class Worker:
-    def __init__(self, ssh: SSHResource, batch_size: int) -> None:
+    def __init__(self, ssh: SSHResource, batch_size: int | None) -> None:
         self.ssh = ssh
         self.batch_size = batch_size
 
@@ -92,7 +91,9 @@ class Worker:
         self, label: str, entity: str, sistema: str, run_id: str, urls: dict[str, str], mode: str = "full"
     ) -> WorkerRun:
         argv = [WORKER, "migrate", "--entity", entity, "--sistema", sistema, "--usuario", "bench",
-                "--run-id", run_id, "--batch-size", str(self.batch_size), "--mode", mode]  # fmt: skip
+                "--run-id", run_id, "--mode", mode]  # fmt: skip
+        if self.batch_size is not None:
+            argv += ["--batch-size", str(self.batch_size)]
         secrets = json.dumps(urls).encode()
         started = time.monotonic()
         with self.ssh.connect() as client:
@@ -352,7 +353,7 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=500_000)
     parser.add_argument("--encounters-per-patient", type=float, default=1.5)
     parser.add_argument("--encounters", type=int, help="encounters in all (default: patients × per patient)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--batch-size", type=int, help="rows per transaction (default: sized by memory)")
     parser.add_argument("--rss-sizes", default="100000,2000000", help="patient counts for the RSS runs ('' none)")
     parser.add_argument(
         "--sections", default=",".join(SECTIONS), help=f"which of {','.join(SECTIONS)} to run (default: all)"

@@ -5,11 +5,13 @@ it, not the whole sistema per page), incremental pages and the source watermark 
 from __future__ import annotations
 
 from datetime import datetime
+from itertools import pairwise
 
+import polars as pl
 import pytest
 from sqlalchemy import func, insert, select, text
 
-from worker import schema
+from worker import schema, source
 from worker.source import LegacyReader, changed_index, latest_update
 
 pytestmark = pytest.mark.integration
@@ -110,3 +112,39 @@ def _plan(engine: object, reader: LegacyReader, since: datetime | None, after: i
     sql = str(query.compile(engine, compile_kwargs={"literal_binds": True}))
     with engine.connect() as conn:  # type: ignore[attr-defined]
         return " ".join(str(row) for row in conn.exec_driver_sql("EXPLAIN " + sql).all())
+
+
+def test_pages_sized_by_memory_hold_every_row_once_in_id_order(mariadb_url: str, monkeypatch) -> None:
+    """Without a batch size, each page has as many rows as make PAGE_BYTES of the page before:
+    narrow rows make long pages, wide ones (long names) short ones, and no row is read twice or lost."""
+    engine, rows = _patients(mariadb_url)
+    with engine.begin() as conn:  # the rows from id 150 on are wide: every text column full
+        conn.execute(
+            text(
+                "UPDATE pacientes SET nombres = REPEAT('x', 120), apellidos = REPEAT('y', 120),"
+                " email = REPEAT('e', 255), telefono = REPEAT('5', 40) WHERE id >= 150"
+            )
+        )
+    monkeypatch.setattr(source, "MIN_PAGE_ROWS", 3)
+    monkeypatch.setattr(source, "MAX_PAGE_ROWS", 60)
+    monkeypatch.setattr(source, "PAGE_BYTES", 6_000)
+    reader = LegacyReader(engine, "patients", "HSJ", None)
+    pages = [frame for frame, _ in reader.pages(-1)]
+    read = [int(i) for frame in pages for i in frame["id"]]
+    assert read == [r["id"] for r in rows if r["sistema"] == "HSJ"]
+    sizes = [frame.height for frame in pages]
+    assert sizes[0] == 3  # nothing known yet: the smallest page
+    for before, page in pairwise(pages[:-1]):  # the last page may be short
+        assert page.height == source.next_page_rows(before)
+    assert max(sizes) == 60 and sizes[-2] <= 12, sizes  # narrow rows: the longest pages; wide: short ones
+
+
+def test_a_page_sized_by_memory_keeps_within_its_bounds() -> None:
+    narrow = pl.DataFrame({"id": range(1000), "name": ["Ana"] * 1000})
+    wide = pl.DataFrame({"id": range(1000), "name": ["x" * 5000] * 1000})
+    rows = source.next_page_rows(narrow)
+    assert rows == min(source.MAX_PAGE_ROWS, int(source.PAGE_BYTES / (narrow.estimated_size() / 1000)))
+    assert source.MIN_PAGE_ROWS < rows <= source.MAX_PAGE_ROWS
+    assert source.next_page_rows(wide) == source.MIN_PAGE_ROWS  # 5 kB rows: never fewer than the minimum
+    assert source.next_page_rows(narrow.clear()) == source.MIN_PAGE_ROWS
+    assert source.next_page_rows(pl.DataFrame({"id": [1]})) == source.MAX_PAGE_ROWS

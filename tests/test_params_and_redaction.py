@@ -33,6 +33,8 @@ GOOD = RunParameters(entity="patients", sistema="HSJ", usuario="ana.maria@x-y", 
         ({"mode": "partial"}, "mode"),
         ({"entity": "users"}, "entity"),
         ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": 50_001}, "batch_size"),
+        ({"batch_size": True}, "batch_size"),
         ({"run_id": "x y"}, "run_id"),
     ],
 )
@@ -45,9 +47,19 @@ def test_good_parameters_pass_and_build_a_quoted_argv() -> None:
     params = validate(replace(GOOD, pract_source=12, pract_target=900, dry_run=True, mode="incremental"))
     assert params.worker_argv() == [
         "migrate", "--entity", "patients", "--sistema", "HSJ", "--usuario", "ana.maria@x-y", "--run-id", "r-1",
-        "--mode", "incremental", "--batch-size", "2000", "--max-delete-share", "0.1",
+        "--mode", "incremental", "--max-delete-share", "0.1",
         "--pract-source", "12", "--pract-target", "900", "--dry-run",
     ]  # fmt: skip
+    # no batch size: the worker sizes its pages by memory; a given one is passed on
+    assert validate(replace(GOOD, batch_size=500)).worker_argv()[-2:] == ["--batch-size", "500"]
+
+
+def test_only_the_clinical_worker_sizes_its_pages_by_memory() -> None:
+    """An app run reads its shard a batch at a time: it needs a batch size (no limit would read it whole)."""
+    from migration_assets.app.migrate import AppRunParameters, validate_app
+
+    with pytest.raises(InvalidParameters, match="batch_size"):
+        validate_app(AppRunParameters(entity="users", shard="shard-00", usuario="ana", run_id="r-1", batch_size=None))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

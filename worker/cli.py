@@ -25,7 +25,6 @@ from worker import schema
 from worker.engine import Counts, Migration
 from worker.failures import CONNECTION_ERROR, SCRIPT_ERROR, VALIDATION_ERROR, category_of, failure_line
 from worker.params import (
-    DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_DELETE_SHARE,
     ENTITIES,
     MODES,
@@ -76,7 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     migrate.add_argument("--dry-run", action="store_true")
     migrate.add_argument("--pract-source", type=int)
     migrate.add_argument("--pract-target", type=int)
-    migrate.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    migrate.add_argument(
+        "--batch-size", type=int, default=None, help="rows per transaction (default: pages sized by memory)"
+    )
     migrate.add_argument("--allow-mass-delete", action="store_true", help="let a full run delete any share")
     migrate.add_argument("--max-delete-share", type=float, default=DEFAULT_MAX_DELETE_SHARE)
     commands.add_parser("sistemas", help="print the codes of the active sistemas as JSON")

@@ -21,9 +21,6 @@ RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 ENTITIES = ("patients", "encounters")
 MODES = ("full", "incremental")
 DEFAULT_MAX_DELETE_SHARE = 0.10
-# Rows per batch (one transaction). Larger batches are faster (4000: ~1.2×, 8000: ~1.5×) but take the worker
-# past 300 MB on wide rows (4000: 316 MB, 8000: 374 MB with 50–400-character notes); 2000 stays under it.
-DEFAULT_BATCH_SIZE = 2000
 INT64_MAX = 2**63 - 1
 
 
@@ -65,7 +62,7 @@ class RunParameters:
     dry_run: bool = False
     pract_source: int | None = None
     pract_target: int | None = None
-    batch_size: int = DEFAULT_BATCH_SIZE
+    batch_size: int | None = None  # rows per transaction; None: pages sized by memory (worker/source.py)
     allow_mass_delete: bool = False
     max_delete_share: float = DEFAULT_MAX_DELETE_SHARE
 
@@ -84,9 +81,10 @@ class RunParameters:
             "--usuario", self.usuario,
             "--run-id", self.run_id,
             "--mode", self.mode,
-            "--batch-size", str(self.batch_size),
             "--max-delete-share", repr(float(self.max_delete_share)),
         ]  # fmt: skip
+        if self.batch_size is not None:
+            argv += ["--batch-size", str(self.batch_size)]
         if self.mapping is not None:
             argv += ["--pract-source", str(self.pract_source), "--pract-target", str(self.pract_target)]
         if self.dry_run:
@@ -96,15 +94,16 @@ class RunParameters:
         return argv
 
 
-def common_problems(params: Any) -> list[str]:
+def common_problems(params: Any, *, sized_by_memory: bool = False) -> list[str]:
     """The §8 problems of what every run has — usuario, run id, mode, batch size, the mass-delete
-    settings — whatever it migrates (the clinical worker's and the app's parameters alike)."""
+    settings — whatever it migrates (the clinical worker's and the app's parameters alike).
+    ``sized_by_memory``: no batch size (None) is allowed, the pages then being sized by memory."""
     problems = [p for p in (usuario_problem(params.usuario),) if p]
     if not matches(RUN_ID_PATTERN, params.run_id):
         problems.append(f"run_id must match ^{RUN_ID_PATTERN.pattern}$")
     if params.mode not in MODES:
         problems.append(f"mode must be one of {', '.join(MODES)}")
-    if (
+    if not (sized_by_memory and params.batch_size is None) and (
         isinstance(params.batch_size, bool)
         or not isinstance(params.batch_size, int)
         or not 1 <= params.batch_size <= 50_000
@@ -124,7 +123,7 @@ def validate(params: RunParameters) -> RunParameters:
     if params.entity not in ENTITIES:
         problems.append(f"entity must be one of {', '.join(ENTITIES)}")
     problems += [p for p in (sistema_problem(params.sistema),) if p]
-    problems += common_problems(params)
+    problems += common_problems(params, sized_by_memory=True)
     if (params.pract_source is None) != (params.pract_target is None):
         problems.append("pract_source and pract_target go together: give both or neither")
     for name in ("pract_source", "pract_target"):

@@ -27,6 +27,13 @@ from worker import schema
 # Up to this many pages of changed rows, an incremental run reads them through the index on
 # actualizado_en (each page then sorts the rows changed after its first id).
 CHANGED_PAGES_BY_INDEX = 25
+# Pages sized by memory (no batch size given): as many rows as make about PAGE_BYTES of legacy
+# columns (by the last page's rows), within these bounds. A page's fixed costs (a query, the rules'
+# polars plan, 5–6 round trips to the target) are paid per page: narrow rows get about 9,000 rows
+# a page, wide ones (long notes) fewer, so the worker's peak memory stays under the same bound.
+PAGE_BYTES = 800_000
+MIN_PAGE_ROWS = 2_000
+MAX_PAGE_ROWS = 20_000
 DATETIME_FORMATS = ("%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d")
 
 
@@ -142,14 +149,24 @@ def _connectorx_url(engine: Engine) -> str | None:
     return None
 
 
-class LegacyReader:
-    """Pages of one entity of one sistema: ``WHERE sistema = … AND id > … ORDER BY id LIMIT n``."""
+def next_page_rows(frame: pl.DataFrame) -> int:
+    """Rows of the next page sized by memory: about ``PAGE_BYTES`` of rows like ``frame``'s."""
+    if frame.height == 0:
+        return MIN_PAGE_ROWS
+    per_row = max(1.0, frame.estimated_size() / frame.height)
+    return max(MIN_PAGE_ROWS, min(MAX_PAGE_ROWS, int(PAGE_BYTES / per_row)))
 
-    def __init__(self, engine: Engine, entity: str, sistema: str, page: int) -> None:
+
+class LegacyReader:
+    """Pages of one entity of one sistema: ``WHERE sistema = … AND id > … ORDER BY id LIMIT n``;
+    ``page`` rows each, or (None) as many as :func:`next_page_rows` makes of the page before."""
+
+    def __init__(self, engine: Engine, entity: str, sistema: str, page: int | None) -> None:
         self.engine = engine
         self.columns = COLUMNS[entity]
         self.sistema = sistema
-        self.page = page
+        self.sized_by_memory = page is None
+        self.page = MIN_PAGE_ROWS if page is None else page
         self.url = _connectorx_url(engine)
         self.changed_index: str | None = None  # see :meth:`_prefer_changed_index`
         self.page_index: str | None = None  # see :func:`page_index`
@@ -226,6 +243,8 @@ class LegacyReader:
                     if frame.height == 0:
                         break
                     last, full = int(frame["id"][-1]), frame.height == self.page
+                    if self.sized_by_memory:
+                        self.page = next_page_rows(frame)
                     if prepare is None:
                         ahead.put((frame, None))
                     else:  # the page's ids are all the consumer needs of it besides what ``prepare`` made

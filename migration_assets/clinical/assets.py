@@ -18,7 +18,7 @@ from resources.databases import DatabaseResource
 from resources.errors import MigrationError
 from resources.policy import MigrationPolicy
 from resources.worker import WorkerResource
-from worker.params import DEFAULT_BATCH_SIZE, RunParameters, validate
+from worker.params import RunParameters, validate
 
 # Connection and timeout failures get 3 attempts in all (retries after 2 s, 4 s); others fail at once.
 MIGRATION_RETRY = RetryPolicy(max_retries=2, delay=2, backoff=Backoff.EXPONENTIAL)
@@ -37,7 +37,10 @@ class MigrationConfig(Config):
     allow_mass_delete: bool = Field(
         default=False, description="let a full run delete more than MAX_DELETE_SHARE of the partition"
     )
-    batch_size: int = Field(default=DEFAULT_BATCH_SIZE, description="rows per transaction")
+    batch_size: int | None = Field(
+        default=None,
+        description="rows per transaction (1–50000); unset: pages sized by memory, 2,000–20,000 rows",
+    )
     timeout_seconds: float | None = Field(default=None, description="stop the worker after this long")
 
 
