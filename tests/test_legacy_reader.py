@@ -148,3 +148,28 @@ def test_a_page_sized_by_memory_keeps_within_its_bounds() -> None:
     assert source.next_page_rows(wide) == source.MIN_PAGE_ROWS  # 5 kB rows: never fewer than the minimum
     assert source.next_page_rows(narrow.clear()) == source.MIN_PAGE_ROWS
     assert source.next_page_rows(pl.DataFrame({"id": [1]})) == source.MAX_PAGE_ROWS
+
+
+def test_few_changed_rows_are_read_through_the_driver_into_the_same_frames(mariadb_url: str, monkeypatch) -> None:
+    """An incremental run with few changed rows reads them through its SQLAlchemy driver (no pyarrow to
+    import): the pages are the very frames connectorx gives — values, NULLs, zero dates and types."""
+    engine, _ = _patients(mariadb_url)
+    with engine.begin() as conn:  # every kind of column filled for some rows
+        conn.execute(
+            text(
+                "UPDATE pacientes SET apellidos = 'Gómez 😀', fecha_nacimiento = '31/02/2001', sexo = 'F',"
+                " email = 'a@b.co', telefono = '+57 300', profesional_id = 9, tipo_documento = 'CC',"
+                " creado_en = '2020-05-06 07:08:09', eliminado = 1 WHERE MOD(id, 4) = 1"
+            )
+        )
+    since = datetime(2024, 1, 20)
+    light = LegacyReader(engine, "patients", "HSJ", 4)
+    pages = [frame for frame, _ in light.pages(-1, since)]
+    assert light.by_driver
+    monkeypatch.setattr(source, "DRIVER_ROWS", -1)
+    arrow = LegacyReader(engine, "patients", "HSJ", 4)
+    expected = [frame for frame, _ in arrow.pages(-1, since)]
+    assert not arrow.by_driver
+    assert len(pages) == len(expected) > 2
+    for got, want in zip(pages, expected, strict=True):
+        assert got.schema == want.schema and got.equals(want)

@@ -34,6 +34,10 @@ CHANGED_PAGES_BY_INDEX = 25
 PAGE_BYTES = 800_000
 MIN_PAGE_ROWS = 2_000
 MAX_PAGE_ROWS = 20_000
+# Up to this many changed rows, an incremental run reads them through its SQLAlchemy driver rather
+# than connectorx: importing pyarrow for connectorx (~0.3 s) costs more than the driver's Python
+# per row does for so few (a nightly sync of many partitions pays it once per partition).
+DRIVER_ROWS = 10_000
 DATETIME_FORMATS = ("%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d")
 
 
@@ -169,6 +173,7 @@ class LegacyReader:
         self.page = MIN_PAGE_ROWS if page is None else page
         self.url = _connectorx_url(engine)
         self.changed_index: str | None = None  # see :meth:`_prefer_changed_index`
+        self.by_driver = self.url is None  # read through SQLAlchemy, not connectorx (see DRIVER_ROWS)
         self.page_index: str | None = None  # see :func:`page_index`
 
     def _query(self, after: int, since: datetime | None) -> Any:
@@ -192,14 +197,18 @@ class LegacyReader:
             if name is None:
                 return
             recent = t.c.actualizado_en >= since.replace(tzinfo=None)
-            changed = conn.scalar(select(func.count()).where(t.c.sistema == self.sistema, recent))
-        if (changed or 0) <= CHANGED_PAGES_BY_INDEX * self.page:
+            changed = conn.scalar(select(func.count()).where(t.c.sistema == self.sistema, recent)) or 0
+        if changed <= CHANGED_PAGES_BY_INDEX * self.page:
             self.changed_index = str(name)
+        if changed <= DRIVER_ROWS:
+            self.by_driver = True
 
     def frame(self, query: Any, types: dict[str, Any], conn: Connection | None = None) -> pl.DataFrame:
         """The rows of a query of integer/string columns as a polars frame: through connectorx
-        (Arrow, no Python per row) from MariaDB/MySQL, else through ``conn`` (or a new connection)."""
-        if self.url is not None:
+        (Arrow, no Python per row) from MariaDB/MySQL, else (or for a few rows: ``by_driver``)
+        through ``conn`` (or a new connection)."""
+        if not self.by_driver:
+            assert self.url is not None
             import connectorx
 
             # Literal binds are safe here: a validated sistema, integers and a datetime.
