@@ -189,11 +189,15 @@ def _encode_value(target: Any, value: Any, database: str) -> None:
 
 
 def _encode_map(target: Any, value: Mapping[Any, Any], database: str) -> None:
-    fields = target.map_value.fields
     target.map_value.SetInParent()  # an empty map is a map, not an unset value
+    _encode_fields(target.map_value.fields, value, database)
+
+
+def _encode_fields(fields: Any, value: Mapping[Any, Any], database: str) -> None:
+    """A map's entries (a document's fields, or a map value's) into the protobuf map ``fields``."""
     for key, item in value.items():
         if type(key) is not str:
-            raise TypeError("Firestore map keys are strings")
+            raise TypeError("Firestore field names and map keys are strings")
         _encode_value(fields[key], item, database)
 
 
@@ -241,11 +245,7 @@ def commit_request(database: str, writes: Sequence[Write]) -> Any:
             continue
         document = message.update
         document.name = prefix + write.path.strip("/")
-        fields = document.fields
-        for key, value in write.data.items():
-            if type(key) is not str:
-                raise TypeError("Firestore field names are strings")
-            _encode_value(fields[key], value, database)
+        _encode_fields(document.fields, write.data, database)
     return request
 
 

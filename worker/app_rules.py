@@ -37,7 +37,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from worker.firestore_size import DOCUMENT_OVERHEAD, MAX_DOCUMENT_BYTES, document_size, name_size
+from worker.firestore_size import (
+    DOCUMENT_OVERHEAD,
+    MAX_DOCUMENT_BYTES,
+    document_size,
+    name_size,
+    string_size,
+    value_size,
+)
 from worker.rules import INT64, INVALID_VALUE, Quarantined, clean_text, coerce_datetime, content_hash, remove_nul
 
 # Quarantine reason codes of the app path (DESIGN §6); INVALID_VALUE is worker.rules'.
@@ -128,32 +135,20 @@ def _key_problem(key: Any) -> str | None:
 
 
 def _checked_size(value: Any, depth: int) -> int:
-    """The value's Firestore storage size (``firestore_size.value_size``), or :class:`_Refused` with the
-    first thing Firestore refuses in it, in one walk: depth past 20, an integer outside int64, text that
-    is not Unicode; in a map, key by key (an empty, non-text, non-Unicode or ``__name__`` key, then its
-    value); in an array, item by item (an array directly inside it, then the item); any other type."""
+    """The value's Firestore storage size (the sizes of ``firestore_size``), or :class:`_Refused` with the
+    first thing Firestore refuses in it, in one walk: depth past 20; in a map, key by key (an empty,
+    non-text, non-Unicode or ``__name__`` key, then its value); in an array, item by item (an array
+    directly inside it, then the item); text that is not Unicode, an integer outside int64, any other
+    type."""
     if depth > MAX_FIELD_DEPTH:
         raise _Refused(f"nests deeper than {MAX_FIELD_DEPTH} levels")
-    if isinstance(value, str):
-        try:
-            return len(value.encode("utf-8")) + 1
-        except UnicodeEncodeError:  # a lone surrogate: not Unicode text, Firestore cannot store it
-            raise _Refused("holds text that is not valid Unicode") from None
-    if value is None or isinstance(value, bool):
-        return 1
-    if isinstance(value, int):
-        if not INT64[0] <= value <= INT64[1]:
-            raise _Refused("holds an integer outside the 64-bit range")
-        return 8
-    if isinstance(value, float | datetime):
-        return 8
     if isinstance(value, Mapping):
         size = 0
         for key, item in value.items():
             problem = _key_problem(key)
             if problem is not None:
                 raise _Refused(problem)
-            size += len(key.encode("utf-8")) + 1 + _checked_size(item, depth + 1)
+            size += string_size(key) + _checked_size(item, depth + 1)
         return size
     if isinstance(value, list | tuple):
         size = 0
@@ -162,7 +157,15 @@ def _checked_size(value: Any, depth: int) -> int:
                 raise _Refused("holds an array inside an array")
             size += _checked_size(item, depth + 1)
         return size
-    raise _Refused("holds a value of a type Firestore cannot store")
+    if isinstance(value, str):
+        if not _is_text(value):
+            raise _Refused("holds text that is not valid Unicode")
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if not INT64[0] <= value <= INT64[1]:
+            raise _Refused("holds an integer outside the 64-bit range")
+    elif not (value is None or isinstance(value, bool | float | datetime)):
+        raise _Refused("holds a value of a type Firestore cannot store")
+    return value_size(value)
 
 
 def firestore_value_problem(document: Mapping[str, Any], path: str) -> str | None:
@@ -180,7 +183,7 @@ def firestore_value_problem(document: Mapping[str, Any], path: str) -> str | Non
         if not isinstance(name, str) or not name or not _is_text(name) or _RESERVED_KEY.fullmatch(name):
             return "a field name is empty, not Unicode or of the reserved form __name__"
         try:
-            size += len(name.encode("utf-8")) + 1 + _checked_size(document[name], 1)
+            size += string_size(name) + _checked_size(document[name], 1)
         except _Refused as refused:
             return f"{name} {refused.phrase}"
     if name_size(path) + size + DOCUMENT_OVERHEAD > MAX_DOCUMENT_BYTES:

@@ -172,8 +172,8 @@ class LegacyReader:
         self.sized_by_memory = page is None
         self.page = MIN_PAGE_ROWS if page is None else page
         self.url = _connectorx_url(engine)
-        self.changed_index: str | None = None  # see :meth:`_prefer_changed_index`
-        self.by_driver = self.url is None  # read through SQLAlchemy, not connectorx (see DRIVER_ROWS)
+        self.changed_index: str | None = None  # see :meth:`_plan_incremental`
+        self.by_driver = self.url is None  # read through SQLAlchemy, not connectorx (see :meth:`_plan_incremental`)
         self.page_index: str | None = None  # see :func:`page_index`
 
     def _query(self, after: int, since: datetime | None) -> Any:
@@ -187,10 +187,12 @@ class LegacyReader:
         index = self.changed_index or self.page_index
         return query if index is None else _force_index(query, t, index)
 
-    def _prefer_changed_index(self, since: datetime) -> None:
-        """An incremental run's pages (``… AND actualizado_en >= … ORDER BY id LIMIT n``) are read
-        through the legacy table's index on ``actualizado_en`` when few rows changed: MariaDB would
-        otherwise walk the table in id order to find them, page after page."""
+    def _plan_incremental(self, since: datetime) -> None:
+        """How an incremental run reads its pages (``… AND actualizado_en >= … ORDER BY id LIMIT n``),
+        from the count of changed rows the legacy index on ``actualizado_en`` gives cheaply: through
+        that index when few rows changed (MariaDB would otherwise walk the table in id order to find
+        them, page after page), and through the driver when very few did (``DRIVER_ROWS``). Without
+        the index nothing is counted (the count would read the whole sistema)."""
         t = self.columns.table
         with self.engine.connect() as conn:
             name = changed_index(conn, t)
@@ -246,7 +248,7 @@ class LegacyReader:
                 with self.engine.connect() as conn:
                     self.page_index = page_index(conn, self.columns.table)
                 if since is not None:
-                    self._prefer_changed_index(since)
+                    self._plan_incremental(since)
                 while not stop.is_set():
                     frame = self._fetch(last, since)
                     if frame.height == 0:
