@@ -9,7 +9,7 @@ DEMO_ENV := DAGSTER_HOME=$(DEMO)/dagster_home \
 	DJANGO_DB_URL=sqlite:///$(DEMO)/django.db FIRESTORE_PROJECT=demo-migration \
 	MEDIA_TRANSPORT=local MEDIA_ROOT=$(DEMO)/media BLOB_STORE_URL=$(DEMO)/blobs
 
-.PHONY: install demo dev test lint check sshd bench bench-app clean
+.PHONY: install demo dev test lint check verify sshd chromium bench bench-app bench-checks report clean
 
 install: $(VENV)/.installed
 
@@ -35,8 +35,8 @@ dev: install
 	$(DEMO_ENV) FIRESTORE_EMULATOR_HOST=127.0.0.1:8686 \
 	$(VENV)/bin/dagster-webserver -w workspace.yaml -h 127.0.0.1 -p $(or $(PORT),3000)
 
-## make test: lint + the whole suite (real MariaDB, PostgreSQL, sshd)
-test: install sshd lint
+## make test: lint + the whole suite (real MariaDB, PostgreSQL, sshd, the Firestore emulator, chromium)
+test: install sshd chromium lint
 	$(VENV)/bin/pytest -ra
 
 lint: install
@@ -48,6 +48,18 @@ check: install
 	$(PY) -m demo.instance $(DEMO)/dagster_home
 	$(DEMO_ENV) $(VENV)/bin/dg check defs
 	$(DEMO_ENV) $(VENV)/bin/dagster definitions validate -m migration_assets.definitions
+
+## Debian's chromium for the coverage report's browser test (driven by Playwright; never `playwright install`)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "installing chromium"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+## checks run alone for one partition on the demo instance: make verify ENTITY=patients PARTITION=HSJ [CHECK=integrity]
+## (the app entities' while `make dev` runs: their documents live in its Firestore emulator)
+verify: install
+	$(DEMO_ENV) FIRESTORE_EMULATOR_HOST=$(or $(FIRESTORE_EMULATOR_HOST),127.0.0.1:8686) \
+	$(PY) -m checks.run --entity $(ENTITY) --partition $(PARTITION) $(if $(CHECK),--check $(CHECK))
 
 ## OpenSSH's sshd for the SSH integration tests (Debian/Ubuntu, as root)
 sshd:
@@ -62,6 +74,15 @@ bench: install sshd
 
 bench-app: install sshd
 	$(PY) -m bench.app $(if $(N),--users $(N))
+
+## the clinical integrity check (clinic-migrate verify) on a 500k-row patients partition, beside the floor of
+## reading both sides (N=… patients to change); run it alone: the machine has 2 cores
+bench-checks: install
+	$(PY) -m bench.checks $(if $(N),--patients $(N))
+
+## reports/coverage.json and reports/coverage.html from the latest check results of the demo instance
+report: install
+	$(DEMO_ENV) $(PY) -m checks.report
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache

@@ -10,35 +10,48 @@ import argparse
 import os
 from pathlib import Path
 
-from checks.coverage import PartitionCounts, count_app_partition, count_clinical_partition
+from dagster import AssetCheckEvaluation, materialize
+
+from checks.coverage import count_app_partition
 from demo.app_data import generate_app
 from demo.firestore_emulator import running_emulator
 from demo.instance import driver_instance, write_local_instance
 from demo.legacy_data import generate
 from migration_assets.clinical.sensors import discover_sistemas
 from migration_assets.launch import USUARIO_TAG
+from migration_assets.operations.assets import coverage_report
 from migration_assets.partitions import app_shards, sistemas_partitions
+from migration_assets.registry import names, of_group
 from resources import firestore_from_env, worker_from_env
 from resources.databases import DatabaseResource
 from worker import schema
-from worker.app_rules import APP_ENTITIES
+from worker.counts import PartitionCounts, count_clinical_partition
 
-ENTITIES = ("patients", "encounters")
+CLINICAL = names(of_group("clinical"))
+APP = names(of_group("app"))
 
 
-def summary_table(rows: list[PartitionCounts]) -> str:
+def summary_table(rows: list[PartitionCounts], verdicts: dict[tuple[str, str], dict[str, str]]) -> str:
+    """One line per entity and partition: its counts, and what its checks said in the run."""
     header = (
         f"{'entity':<11} {'partition':<9} {'eligible':>8} {'migrated':>8} {'quarant.':>8} {'missing':>7} "
-        f"{'coverage':>8}  quarantined by reason"
+        f"{'coverage':>8} {'checked':>7} {'integrity':>9} {'expect.':>7}  quarantined by reason"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
         reasons = ", ".join(f"{k}={v}" for k, v in r.quarantined_by_reason.items()) or "-"
+        checks = verdicts.get((r.entity, r.partition_key), {})
         lines.append(
             f"{r.entity:<11} {r.partition_key:<9} {r.eligible:>8} {r.migrated:>8} {r.quarantined:>8} "
-            f"{r.missing:>7} {r.coverage:>8.1%}  {reasons}"
+            f"{r.missing:>7} {r.coverage:>8.1%} {checks.get('coverage', 'not run'):>7} "
+            f"{checks.get('integrity', 'not run'):>9} "
+            f"{checks.get('expectations', 'not run'):>7}  {reasons}"
         )
     return "\n".join(lines)
+
+
+def verdict(evaluation: AssetCheckEvaluation) -> str:
+    return "passed" if evaluation.passed else f"{evaluation.severity.value.lower()}"
 
 
 def main() -> int:
@@ -63,8 +76,11 @@ def main() -> int:
     instance.add_dynamic_partitions(sistemas_partitions.name, sistemas)
     print(f"partitions: {', '.join(sistemas)}" + (f" ({refused} refused)" if refused else ""))
 
+    verdicts: dict[tuple[str, str], dict[str, str]] = {}
+
     def migrate(job_name: str, keys: list[str], entities: tuple[str, ...]) -> list[str]:
-        """One run of ``job_name`` per partition, one at a time; the keys whose run failed."""
+        """One run of ``job_name`` (the group's assets and their checks) per partition, one at a time;
+        the keys whose run failed."""
         job = defs.resolve_job_def(job_name)
         failed = []
         for key in keys:
@@ -76,15 +92,18 @@ def main() -> int:
                 raise_on_error=False,
             )
             print(f"  {key}: run {result.run_id} {'succeeded' if result.success else 'FAILED'}")
+            for evaluation in result.get_asset_check_evaluations():
+                entity = evaluation.asset_key.to_user_string()
+                verdicts.setdefault((entity, key), {})[evaluation.check_name] = verdict(evaluation)
             if not result.success:
                 failed.append(key)
         return failed
 
-    failed = migrate("clinical_migration_job", sistemas, ENTITIES)
+    failed = migrate("clinical_migration_job", sistemas, CLINICAL)
 
     target = schema.make_engine(os.environ["CLINICAL_DB_URL"])
     state = schema.make_engine(os.environ.get("STATE_DB_URL") or os.environ["CLINICAL_DB_URL"])
-    rows = [count_clinical_partition(e, s, legacy, target, state) for e in ENTITIES for s in sistemas]
+    rows = [count_clinical_partition(e, s, legacy, target, state) for e in CLINICAL for s in sistemas]
 
     django = schema.make_engine(os.environ["DJANGO_DB_URL"])
     media_root = Path(os.environ["MEDIA_ROOT"])
@@ -93,21 +112,25 @@ def main() -> int:
     print("starting Google's Firestore emulator …")
     with running_emulator() as emulator_host:
         os.environ["FIRESTORE_EMULATOR_HOST"] = emulator_host  # read by the firestore resource
-        failed += migrate("app_migration_job", app_shards.get_partition_keys(), APP_ENTITIES)
+        failed += migrate("app_migration_job", app_shards.get_partition_keys(), APP)
         client = firestore_from_env().client()
-        rows += [
-            count_app_partition(e, s, django, client, state)
-            for e in APP_ENTITIES
-            for s in app_shards.get_partition_keys()
-        ]
+        rows += [count_app_partition(e, s, django, client, state) for e in APP for s in app_shards.get_partition_keys()]
     print("Firestore emulator stopped (its documents with it; the blobs stay in BLOB_STORE_URL).")
     print()
-    print(summary_table(rows))
+    print(summary_table(rows, verdicts))
     lost = sum(r.missing for r in rows)
+    broken = sorted(f"{e} {p}" for (e, p), checks in verdicts.items() if checks.get("integrity") != "passed")
     migrated, quarantined = sum(r.migrated for r in rows), sum(r.quarantined for r in rows)
     print(f"\n{migrated} records migrated, {quarantined} quarantined, {lost} missing.")
+    print(f"integrity: {'passed on every partition' if not broken else 'FAILED on ' + ', '.join(broken)}")
+    made = materialize([coverage_report], instance=instance, raise_on_error=False)
+    if made.success:
+        [report] = made.asset_materializations_for_node("coverage_report")
+        print(f"coverage report: {report.metadata['html'].value} (and coverage.json beside it)")
+    else:
+        failed.append("coverage_report")
     print("Open the UI on this data with `make dev`.")
-    return 1 if failed or lost else 0
+    return 1 if failed or lost or broken else 0
 
 
 if __name__ == "__main__":

@@ -4,5 +4,6 @@ from dagster import Definitions
 
 from migration_assets.app import definitions as app
 from migration_assets.clinical import definitions as clinical
+from migration_assets.operations import definitions as operations
 
-defs = Definitions.merge(clinical.defs, app.defs)
+defs = Definitions.merge(clinical.defs, app.defs, operations.defs)

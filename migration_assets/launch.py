@@ -30,8 +30,8 @@ from dagster import (
     SubmitRunContext,
 )
 
+from migration_assets.registry import names, of_group
 from resources.errors import Category, MigrationError
-from worker.app_rules import APP_ENTITIES
 from worker.params import InvalidParameters, shard_problem, sistema_problem, usuario_problem
 
 KIND_TAG = "migration/kind"
@@ -39,9 +39,9 @@ USUARIO_TAG = "migration/usuario"
 PARTITION_TAG = "dagster/partition"
 RANGE_TAG = "dagster/asset_partition_range_start"
 MIGRATION = "migration"
-# Migration assets and how their partition keys are checked (the registry's clinical and app entities).
-CLINICAL_ASSETS = frozenset({"patients", "encounters"})
-APP_ASSETS = frozenset(APP_ENTITIES)
+# Migration assets and how their partition keys are checked: the registry's clinical and app entities.
+CLINICAL_ASSETS = frozenset(names(of_group("clinical")))
+APP_ASSETS = frozenset(names(of_group("app")))
 MIGRATION_ASSETS = CLINICAL_ASSETS | APP_ASSETS
 HOW_TO_LAUNCH = (
     "launch it from the UI (a job's launchpad, an asset page or a backfill) or with "

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
     AssetExecutionContext,
     ConfigurableResource,
     MaterializeResult,
@@ -39,6 +41,7 @@ from resources.ssh import SSHResource
 from worker.redact import redact
 
 Starter = Callable[[Sequence[str], bytes], Process]
+RunContext = AssetExecutionContext | OpExecutionContext | AssetCheckExecutionContext
 EXIT_CATEGORIES = {
     2: Category.VALIDATION_ERROR,
     3: Category.CONNECTION_ERROR,
@@ -176,7 +179,7 @@ class WorkerPipesClient(PipesClient):
     def run(  # type: ignore[override]
         self,
         *,
-        context: AssetExecutionContext | OpExecutionContext,
+        context: RunContext,
         argv: Sequence[str],
         secrets: Mapping[str, Any],
         final_report: type,
@@ -184,7 +187,13 @@ class WorkerPipesClient(PipesClient):
     ) -> Sequence[PipesExecutionResult]:
         """Run the worker; return what it reported. A worker that exits 0 without a ``final_report``
         (a materialization, check results) failed, whatever its exit code says: nothing it sent is
-        recorded, and no result is made up for it (no implicit materialization)."""
+        recorded, and no result is made up for it (no implicit materialization).
+
+        ``context`` may be an asset check's (``@asset_check``/``@multi_asset_check``): the Pipes
+        session then runs on the op context beneath it, which carries the partition, the run and the
+        step's log; the check results the worker reports come back as ``AssetCheckResult``s."""
+        if isinstance(context, AssetCheckExecutionContext):
+            context = context.op_execution_context
         reader = PipesStdoutMessageReader(
             on_progress=lambda counts: context.log.info(f"progress: {json.dumps(counts, sort_keys=True)}")
         )
@@ -223,6 +232,9 @@ class WorkerResource(ConfigurableResource):
     command: str = Field(default="clinic-migrate", description="the worker executable on the legacy host")
     ssh: SSHResource | None = None
     migrate_timeout_seconds: float = 6 * 3600
+    verify_timeout_seconds: float = Field(
+        default=2 * 3600, description="stop a verification (clinic-migrate verify) after this long"
+    )
     kill_grace_seconds: float = 5.0
 
     @property
@@ -258,6 +270,22 @@ class WorkerResource(ConfigurableResource):
             return client.run(
                 context=context, argv=[*self.command_argv, *argv], secrets=secrets, final_report=MaterializeResult
             )
+
+    def verify(
+        self,
+        context: RunContext,
+        argv: Sequence[str],
+        secrets: Mapping[str, Any],
+        timeout_seconds: float | None = None,
+    ) -> Sequence[AssetCheckResult]:
+        """Run ``clinic-migrate <argv>`` (``verify …``) as a Pipes process from an asset check's
+        ``context``; return the check results it reported."""
+        with self.host() as start:
+            client = WorkerPipesClient(start, timeout_seconds or self.verify_timeout_seconds, self.kill_grace_seconds)
+            reported = client.run(
+                context=context, argv=[*self.command_argv, *argv], secrets=secrets, final_report=AssetCheckResult
+            )
+        return [result for result in reported if isinstance(result, AssetCheckResult)]
 
     def list_sistemas(self, secrets: Mapping[str, Any], timeout_seconds: float = 120) -> list[str]:
         """The active sistemas of the legacy DB, asked of the worker (Dagster may not reach that DB)."""

@@ -107,6 +107,8 @@ ENCOUNTER_FIELDS = [
     "sistema", "legacy_id", "patient_id", "practitioner_id", "occurred_at", "kind", "icd10", "notes", "status",
     "source_updated_at",
 ]  # fmt: skip
+# The fields an encounter's content hash covers: its patient enters as the patient's legacy id (§6).
+ENCOUNTER_HASH_FIELDS = [f for f in ENCOUNTER_FIELDS if f != "patient_id"] + ["patient_legacy_id"]
 
 
 def _birth_date(raw: pl.Expr, today: date) -> tuple[pl.Expr, pl.Expr, pl.Expr]:
@@ -299,8 +301,7 @@ def _encounter_plan(
         (pl.col("_bad_icd"), rules.INVALID_ICD10, "diagnosis is not a well-formed ICD-10 code"),
         *_fits(rules.ENCOUNTER_WIDTHS, ENCOUNTER_FIELDS, ["legacy_id", "patient_id", "practitioner_id"]),
     )
-    hashed = [f for f in ENCOUNTER_FIELDS if f != "patient_id"] + ["patient_legacy_id"]
-    return tuple(selected), reason, detail, tuple(hashed)
+    return tuple(selected), reason, detail, tuple(ENCOUNTER_HASH_FIELDS)
 
 
 # --- content hash ----------------------------------------------------------------------------
@@ -312,28 +313,26 @@ def json_string(expr: pl.Expr) -> pl.Expr:
     return pl.lit('"') + escaped + pl.lit('"')
 
 
-def _typed(name: str, dtype: pl.DataType) -> pl.Expr:
-    """rules._typed of one column, as the JSON of ``[name, type, value]`` (``[name, "null"]``)."""
+def _typed_value(name: str, dtype: pl.DataType) -> pl.Expr:
+    """rules._typed of one column without its name: the JSON of ``type, value`` (``"str","x"``),
+    NULL where the column is NULL."""
     col = pl.col(name)
-    head = f'["{name}",'
     if dtype == pl.String:
-        value = pl.lit(head + '"str",') + json_string(col) + pl.lit("]")
-    elif dtype.is_integer():
-        value = pl.lit(head + '"int","') + col.cast(pl.String) + pl.lit('"]')
-    elif dtype == pl.Boolean:
-        value = pl.lit(head + '"bool",') + pl.when(col).then(pl.lit("true")).otherwise(pl.lit("false")) + pl.lit("]")
-    elif dtype == pl.Date:
-        value = pl.lit(head + '"date","') + col.dt.to_string("%Y-%m-%d") + pl.lit('"]')
-    elif isinstance(dtype, pl.Datetime):
+        return pl.concat_str([pl.lit('"str",'), json_string(col)])
+    if dtype.is_integer():
+        return pl.concat_str([pl.lit('"int","'), col.cast(pl.String), pl.lit('"')])
+    if dtype == pl.Boolean:
+        return pl.when(col).then(pl.lit('"bool",true')).when(~col).then(pl.lit('"bool",false'))
+    if dtype == pl.Date:
+        return pl.concat_str([pl.lit('"date","'), col.dt.to_string("%Y-%m-%d"), pl.lit('"')])
+    if isinstance(dtype, pl.Datetime):
         utc = col.dt.convert_time_zone("UTC") if dtype.time_zone else col
         # strftime's %Y writes a year below 1000 without leading zeros ('999'): the reference does.
         year = utc.dt.year().cast(pl.String)
-        value = pl.lit(head + '"datetime","') + year + utc.dt.to_string("-%m-%dT%H:%M:%S.%6fZ") + pl.lit('"]')
-    elif dtype == pl.Null:
-        return pl.lit(f'["{name}","null"]')
-    else:
-        raise TypeError(f"content hash cannot serialize a {dtype} column ({name})")
-    return pl.when(col.is_null()).then(pl.lit(f'["{name}","null"]')).otherwise(value)
+        return pl.concat_str([pl.lit('"datetime","'), year, utc.dt.to_string("-%m-%dT%H:%M:%S.%6fZ"), pl.lit('"')])
+    if dtype == pl.Null:
+        return pl.lit(None, dtype=pl.String)
+    raise TypeError(f"content hash cannot serialize a {dtype} column ({name})")
 
 
 def canonical_forms(frame: pl.DataFrame, fields: list[str]) -> pl.Series:
@@ -344,9 +343,15 @@ def canonical_forms(frame: pl.DataFrame, fields: list[str]) -> pl.Series:
 
 @functools.lru_cache(maxsize=16)
 def _form(typed: tuple[tuple[str, pl.DataType], ...]) -> pl.Expr:
-    """The canonical-form expression of columns of these names and types, built once."""
-    parts = [_typed(name, dtype) for name, dtype in typed]
-    return pl.concat_str([pl.lit("["), pl.concat_str(parts, separator=","), pl.lit("]")])
+    """The canonical-form expression of columns of these names and types, built once: one
+    ``concat_str`` of the constant parts (``[["name",`` … ``],["next",``) and each column's typed
+    value, ``"null"`` where it is NULL (``[name, "null"]``)."""
+    parts: list[pl.Expr] = []
+    for i, (name, dtype) in enumerate(typed):
+        parts.append(pl.lit(("[[" if i == 0 else "],[") + f'"{name}",'))
+        parts.append(_typed_value(name, dtype).fill_null(pl.lit('"null"')))
+    parts.append(pl.lit("]]" if typed else "[]"))
+    return pl.concat_str(parts)
 
 
 def hashes(frame: pl.DataFrame, fields: list[str]) -> pl.Series:

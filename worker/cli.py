@@ -2,7 +2,9 @@
 
 Parameters arrive as argv; secrets (database URLs) and the Dagster Pipes bootstrap arrive as one
 JSON object on stdin, so no password ever shows in ``ps`` or a shell history. Results go back as
-Pipes messages on stdout; everything else it prints is redacted first.
+Pipes messages on stdout; everything else it prints is redacted first. ``verify`` compares one
+partition's source, target and quarantine (worker/verify_clinical.py) and reports the ``coverage``
+and ``integrity`` checks as asset-check results (one JSON line each when run by hand).
 
 Exit codes: 0 done, 2 bad parameters or a refused run (e.g. a mass delete), 3 a database could not
 be reached or the lock's session was lost, 1 anything else.
@@ -14,6 +16,7 @@ import argparse
 import json
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import Any
@@ -22,6 +25,7 @@ from dagster_pipes import PipesContext, PipesMappingParamsLoader, open_dagster_p
 from sqlalchemy import select
 
 from worker import schema
+from worker.counts import count_clinical_partition
 from worker.engine import Counts, Migration
 from worker.failures import CONNECTION_ERROR, SCRIPT_ERROR, VALIDATION_ERROR, category_of, failure_line
 from worker.params import (
@@ -30,9 +34,11 @@ from worker.params import (
     MODES,
     InvalidParameters,
     RunParameters,
+    sistema_problem,
     validate,
 )
 from worker.redact import redact
+from worker.verify import CHECKS, DEFAULT_MIN_COVERAGE, Outcome
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_PARAMETERS, EXIT_UNREACHABLE = 0, 1, 2, 3
 EXIT_CODES = {SCRIPT_ERROR: EXIT_FAILED, VALIDATION_ERROR: EXIT_BAD_PARAMETERS, CONNECTION_ERROR: EXIT_UNREACHABLE}
@@ -62,6 +68,28 @@ class Reporter:
         else:
             print(json.dumps(metadata, sort_keys=True), flush=True)
 
+    def check(self, entity: str, outcome: Outcome) -> None:
+        """One asset-check result (``entity``'s asset): through Pipes, or one JSON line on stdout."""
+        if self.pipes is not None:
+            self.pipes.report_asset_check(
+                check_name=outcome.check,
+                passed=outcome.passed,
+                severity=outcome.severity,  # type: ignore[arg-type]  # ERROR or WARN
+                metadata=pipes_metadata(outcome.metadata),
+                asset_key=entity,
+            )
+        else:
+            line = {"check": outcome.check, "passed": outcome.passed, "severity": outcome.severity}
+            print(json.dumps({**line, "metadata": outcome.metadata}, sort_keys=True), flush=True)
+
+
+def pipes_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Check metadata for Pipes: lists and maps as JSON metadata values (Dagster infers the rest)."""
+    return {
+        key: {"raw_value": value, "type": "json"} if isinstance(value, (list, dict)) else value
+        for key, value in metadata.items()
+    }
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clinic-migrate", description=__doc__.splitlines()[0])
@@ -80,6 +108,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     migrate.add_argument("--allow-mass-delete", action="store_true", help="let a full run delete any share")
     migrate.add_argument("--max-delete-share", type=float, default=DEFAULT_MAX_DELETE_SHARE)
+    verify = commands.add_parser("verify", help="the coverage and integrity checks of one entity of one sistema")
+    verify.add_argument("--entity", required=True, choices=ENTITIES)
+    verify.add_argument("--sistema", required=True)
+    verify.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated, of {', '.join(CHECKS)}")
+    verify.add_argument("--min-coverage", type=float, default=DEFAULT_MIN_COVERAGE)
     commands.add_parser("sistemas", help="print the codes of the active sistemas as JSON")
     return parser
 
@@ -104,16 +137,55 @@ def _migrate(args: argparse.Namespace, secrets: dict[str, Any], reporter: Report
     target = schema.make_engine(secrets["target_db_url"])
     state_url = secrets.get("state_db_url")
     state = schema.make_engine(state_url) if state_url and state_url != secrets["target_db_url"] else None
-    migration = Migration(
-        params,
-        schema.make_engine(secrets["legacy_db_url"]),
-        target,
-        state,
-        log=reporter.log,
-        progress=reporter.progress,
-    )
+    legacy = schema.make_engine(secrets["legacy_db_url"])
+    migration = Migration(params, legacy, target, state, log=reporter.log, progress=reporter.progress)
     result = migration.run()
-    reporter.materialization(result.metadata(params.entity, {"sistema": params.sistema}, params.dry_run))
+    metadata = result.metadata(params.entity, {"sistema": params.sistema}, params.dry_run)
+    if not params.dry_run:  # the partition as it now stands, for the asset page's plots
+        metadata |= count_clinical_partition(params.entity, params.sistema, legacy, target, state or target).metadata()
+    reporter.materialization(metadata)
+    return EXIT_OK
+
+
+def verify_checks(args: argparse.Namespace) -> list[str]:
+    """The checks ``verify`` is asked for, after §8 validation of its parameters (every problem at once)."""
+    problems = [p for p in (sistema_problem(args.sistema),) if p]
+    checks = [c.strip() for c in str(args.checks).split(",") if c.strip()]
+    if not checks or any(c not in CHECKS for c in checks) or len(set(checks)) != len(checks):
+        problems.append(f"checks must be a comma-separated list of distinct checks of {', '.join(CHECKS)}")
+    if not 0 <= args.min_coverage <= 1:
+        problems.append("min_coverage must be a number from 0 to 1")
+    if problems:
+        raise InvalidParameters("; ".join(problems))
+    return checks
+
+
+def _verify(args: argparse.Namespace, secrets: dict[str, Any], reporter: Reporter) -> int:
+    from worker.verify_clinical import migration_settings, verify_partition  # not needed by migrate
+
+    checks = verify_checks(args)
+    _require(secrets, "legacy_db_url", "target_db_url")
+    target = schema.make_engine(secrets["target_db_url"])
+    state_url = secrets.get("state_db_url")
+    state = schema.make_engine(state_url) if state_url and state_url != secrets["target_db_url"] else target
+    settings = migration_settings(state, args.entity, args.sistema)
+    reporter.log(
+        f"verifying {args.entity} of {args.sistema} with the settings of run {settings.run_id}"
+        if settings.run_id
+        else f"verifying {args.entity} of {args.sistema}: no finished run recorded"
+    )
+    started = time.monotonic()
+    report = verify_partition(
+        args.entity, args.sistema, schema.make_engine(secrets["legacy_db_url"]), target, state, settings=settings
+    )
+    seconds = time.monotonic() - started
+    rate = report.eligible / seconds if seconds > 0 else 0.0
+    reporter.log(
+        f"verified {report.eligible} eligible and {report.stored} stored {args.entity} of {args.sistema} "
+        f"in {seconds:.1f} s ({rate:.0f} rows/s)"
+    )
+    for outcome in report.outcomes(checks, args.min_coverage):
+        reporter.check(args.entity, outcome)
     return EXIT_OK
 
 
@@ -161,6 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if args.command == "sistemas":
                 return _sistemas(secrets)
+            if args.command == "verify":
+                return _verify(args, secrets, reporter)
             return _migrate(args, secrets, reporter)
         except Exception as problem:
             category = category_of(problem)

@@ -48,7 +48,7 @@ ANALYZE_FIRST = 10_000
 QUIET_CHECKPOINT_SECONDS = 2.0
 LOOKUP_COLUMNS = {"patients": ("sistema", "legacy_id", "national_id"), "encounters": ("sistema", "legacy_id")}
 DUPLICATE_DETAIL = "a lower legacy id of the sistema holds the same document"
-SOURCES: dict[str, Table] = {"patients": schema.pacientes, "encounters": schema.atenciones}
+SOURCES: dict[str, Table] = schema.SOURCES
 
 
 @dataclass
@@ -395,32 +395,14 @@ class Migration:
         return wrote_state or self._writes(attempt) + attempt.rehashed > 0
 
     def _rules_of_page(self, rows: pl.DataFrame, lookups: Connection | None = None) -> pl.DataFrame:
-        """§6 for a page read (on the reader thread): patients need no database; encounters read
-        their patients' ids through ``lookups``, whose transaction ends with the look-up."""
-        eligible = rows.filter(pl.col("eliminado") == 0)
-        if lookups is None:
-            return self._transform(None, eligible)
-        try:
-            return self._transform(lookups, eligible)
-        finally:
-            lookups.rollback()
+        """§6 for a page read (on the reader thread): see :func:`rules_of_page`."""
+        p = self.params
+        return rules_of_page(p.entity, p.sistema, rows, today=self.today, mapping=p.mapping, lookups=lookups)
 
     def _transform(self, target: Connection | None, eligible: pl.DataFrame) -> pl.DataFrame:
-        """§6 for the batch (worker/batch.py): target fields, ``_reason``/``_detail``, content hash."""
+        """§6 for the batch: see :func:`transform`."""
         p = self.params
-        if p.entity == "patients":
-            return batch.transform_patients(eligible, today=self.today, mapping=p.mapping)
-        assert target is not None, "the encounters' rules look their patients up"
-        pt = schema.patients
-        wanted = eligible["paciente_id"].drop_nulls().unique()
-        ids = store.frame_of(
-            target,
-            select(pt.c.legacy_id, pt.c.id).where(
-                pt.c.sistema == p.sistema, store.one_of(target, pt.c.legacy_id, wanted)
-            ),
-            {"legacy_id": pl.Int64, "id": pl.Int64},
-        )
-        return batch.transform_encounters(eligible, ids, mapping=p.mapping)
+        return transform(p.entity, p.sistema, eligible, today=self.today, mapping=p.mapping, patients=target)
 
     def _apply_batch_once(
         self,
@@ -636,6 +618,58 @@ class Migration:
             pl.when(lost).then(pl.lit(DUPLICATE_DETAIL)).otherwise(pl.col(batch.DETAIL)).alias(batch.DETAIL),
             pl.when(lost).then(None).otherwise(pl.col(batch.HASH)).alias(batch.HASH),
         )
+
+
+def transform(
+    entity: str,
+    sistema: str,
+    eligible: pl.DataFrame,
+    *,
+    today: date,
+    mapping: rules.PractitionerMapping | None,
+    patients: Connection | None,
+) -> pl.DataFrame:
+    """§6 for a batch of eligible legacy rows (worker/batch.py): target fields, ``_reason``/``_detail``,
+    content hash. Encounters look their patients up in the target through ``patients`` (ORPHAN_PATIENT:
+    not migrated in this sistema). The migration and its verification (worker/verify_clinical.py)
+    both decide a page through this function. DUPLICATE_DOCUMENT is not decided here."""
+    if entity == "patients":
+        return batch.transform_patients(eligible, today=today, mapping=mapping)
+    assert patients is not None, "the encounters' rules look their patients up"
+    return batch.transform_encounters(eligible, migrated_patients(patients, sistema, eligible), mapping=mapping)
+
+
+def migrated_patients(conn: Connection, sistema: str, encounters: pl.DataFrame) -> pl.DataFrame:
+    """``legacy_id`` → target ``id`` of the patients of ``sistema`` that the encounters of a page
+    name (``paciente_id``) and that are migrated."""
+    pt = schema.patients
+    wanted = encounters["paciente_id"].drop_nulls().unique()
+    return store.frame_of(
+        conn,
+        select(pt.c.legacy_id, pt.c.id).where(pt.c.sistema == sistema, store.one_of(conn, pt.c.legacy_id, wanted)),
+        {"legacy_id": pl.Int64, "id": pl.Int64},
+    )
+
+
+def rules_of_page(
+    entity: str,
+    sistema: str,
+    rows: pl.DataFrame,
+    *,
+    today: date,
+    mapping: rules.PractitionerMapping | None,
+    lookups: Connection | None = None,
+) -> pl.DataFrame:
+    """:func:`transform` of a page read (its ``eliminado = 0`` rows), on the reader thread: patients
+    need no database; encounters read their patients' ids through ``lookups``, whose transaction
+    ends with the look-up."""
+    eligible = rows.filter(pl.col("eliminado") == 0)
+    if lookups is None:
+        return transform(entity, sistema, eligible, today=today, mapping=mapping, patients=None)
+    try:
+        return transform(entity, sistema, eligible, today=today, mapping=mapping, patients=lookups)
+    finally:
+        lookups.rollback()
 
 
 def _versions(rows: Sequence[tuple[int, int, str]]) -> pl.DataFrame:

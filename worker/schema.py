@@ -160,6 +160,7 @@ encounters = Table(
     schema="clinical",
 )
 
+SOURCES: dict[str, Table] = {"patients": pacientes, "encounters": atenciones}  # each clinical entity's legacy table
 TARGETS = {"patients": patients, "encounters": encounters}
 # Target columns the worker writes from the rules; the rest are bookkeeping.
 BOOKKEEPING = ("id", "content_hash", "run_id", "migrated_at")

@@ -8,17 +8,19 @@ become the materialization's metadata, the same keys as the clinical assets'.
 """
 
 import json
-from collections.abc import Sequence
 from typing import Any, Literal
 
-from dagster import AssetExecutionContext, AssetsDefinition, Config, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, AssetKey, AssetsDefinition, Config, MaterializeResult, MetadataValue, asset
 from google.api_core import exceptions as api_exceptions
 from pydantic import Field
 
+from checks.coverage import count_app_partition
+from migration_assets import registry
 from migration_assets.app.migrate import DEFAULT_BATCH_SIZE, AppMigration, AppRunParameters, validate_app
 from migration_assets.clinical.assets import MIGRATION_RETRY
+from migration_assets.dashboard import target_metadata
 from migration_assets.launch import refused_before_start, require_queued
-from migration_assets.partitions import app_shards
+from migration_assets.registry import Entity
 from resources.errors import Category, MigrationError
 from resources.firestore import RETRYABLE, PartialCommit
 from worker.failures import CONNECTION_ERROR, category_of, failure_line
@@ -57,18 +59,20 @@ def as_metadata(values: dict[str, Any]) -> dict[str, Any]:
     return {key: one(value) for key, value in values.items()}
 
 
-def app_asset(entity: str, description: str, deps: Sequence[AssetsDefinition] = ()) -> AssetsDefinition:
+def app_asset(spec: Entity) -> AssetsDefinition:
     """One app entity of one shard per materialization, migrated in the step's own process."""
+    entity = spec.name
     needs_files = entity == "files"
 
     @asset(
         name=entity,
-        group_name="app",
-        partitions_def=app_shards,
-        deps=deps,
+        group_name=spec.group,
+        partitions_def=spec.partitions_def,
+        deps=[spec.source_key, *(AssetKey(parent) for parent in spec.parents)],
         retry_policy=MIGRATION_RETRY,
         kinds={"postgres", "firestore"} | ({"sftp"} if needs_files else set()),
-        description=description,
+        description=spec.description,
+        metadata=target_metadata(spec),
         required_resource_keys={"django_db", "state_db", "firestore", "policy"}
         | ({"media", "blob_store"} if needs_files else set()),
     )
@@ -114,20 +118,21 @@ def app_asset(entity: str, description: str, deps: Sequence[AssetsDefinition] = 
             context.log.error(line)
             error = MigrationError(category, line.split(": ", 1)[1], retryable=category.value == CONNECTION_ERROR)
             raise error.as_failure() from None
-        return MaterializeResult(metadata=as_metadata(result.metadata(entity, {"shard": params.shard}, params.dry_run)))
+        metadata = as_metadata(result.metadata(entity, {"shard": params.shard}, params.dry_run))
+        if not params.dry_run:  # the shard as it now stands, for the asset page's plots
+            counts = count_app_partition(
+                entity,
+                params.shard,
+                resources.django_db.engine(),
+                resources.firestore.client(),
+                resources.state_db.engine(),
+            )
+            metadata |= counts.metadata()
+        return MaterializeResult(metadata=metadata)
 
     return migrate
 
 
-users = app_asset("users", "Firestore users/{id} of one shard, from the Django auth_user table (DESIGN §6).")
-files = app_asset(
-    "files",
-    "Firestore files/{id} of one shard and each file's blob (copied from MEDIA_ROOT, SHA-256 verified); "
-    "needs the shard's users first.",
-    deps=[users],
-)
-filters = app_asset(
-    "filters",
-    "Firestore filters/{id} of one shard, from list_cutter_savedfilter; needs the shard's users and files first.",
-    deps=[users, files],
-)
+users = app_asset(registry.entity("users"))
+files = app_asset(registry.entity("files"))
+filters = app_asset(registry.entity("filters"))

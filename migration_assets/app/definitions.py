@@ -1,9 +1,18 @@
-"""The app domain: users, files and filters, their job, their resources."""
+"""The app domain: users, files and filters (and the legacy tables they come from), their checks, their
+job, their resources."""
 
 from dagster import Definitions
 
+from checks.factories import checks_for, checks_job
 from migration_assets.app.assets import files, filters, users
 from migration_assets.app.jobs import app_migration_job
+from migration_assets.dashboard import legacy_tables
+from migration_assets.registry import of_group
 from resources import app_resources
 
-defs = Definitions(assets=[users, files, filters], jobs=[app_migration_job], resources=app_resources())
+defs = Definitions(
+    assets=[*legacy_tables("app"), users, files, filters],
+    asset_checks=checks_for(of_group("app")),
+    jobs=[app_migration_job, checks_job("app")],
+    resources=app_resources(),
+)

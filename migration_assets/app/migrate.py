@@ -202,6 +202,102 @@ class Decision:
     digest: str | None = None  # the document's content hash
 
 
+# --- the decisions, shared with the checks (checks/app_verify.py) ----------------------------
+
+
+def source_page(
+    django: Engine, entity: str, shard_number: int, after: int, limit: int, since: datetime | None = None
+) -> list[dict[str, Any]]:
+    """The shard's next ``limit`` eligible source rows of ``entity`` after id ``after``, in id order (a keyset
+    page), only those changed since ``since`` when given (the entity's ``updated_at`` column)."""
+    t = SOURCES[entity]
+    query = select(t).where(django_schema.shard_filter(t, shard_number), t.c.id > after)
+    if since is not None:
+        updated_at = app_rules.APP_ENTITIES[entity].updated_at_column
+        if updated_at is None:
+            raise ValueError(f"{entity} have no updated_at column")
+        query = query.where(t.c[updated_at] > since)
+    with django.connect() as source:
+        return [dict(row) for row in source.execute(query.order_by(t.c.id).limit(limit)).mappings()]
+
+
+FileContent = Callable[[Mapping[str, Any], Decision], dict[str, Any]]
+
+
+def decide_row(entity: str, row: Mapping[str, Any], parents: Parents, file: FileContent | None = None) -> Decision:
+    """What §6 makes of one source row: its document and content hash, or its quarantine reason.
+
+    ``parents`` are the migrated users (files, filters) and files (filters) the row may name; ``file``
+    makes a file's document (its content read, and for a run its blob copied): :func:`read_file_document`
+    reads only, ``AppMigration._file`` copies too."""
+    decision = Decision(legacy_id=int(row["id"]))
+    try:
+        if entity == "users":
+            document = app_rules.transform_user(row)
+        elif entity == "files":
+            if file is None:
+                raise ValueError("files need a way to read their content")
+            document = file(row, decision)
+        elif entity == "filters":
+            app_rules.require_user(row["user_id"] in parents.users)
+            app_rules.require_file(row["file_id"], row["file_id"] in parents.files)
+            document = app_rules.filter_document(row)
+        else:
+            raise ValueError("unknown app entity")
+        decision.document = document  # the transforms refuse what Firestore cannot hold
+        decision.digest = app_rules.document_hash(entity, document)
+    except rules.Quarantined as refused:
+        decision.reason, decision.detail = refused.reason, refused.detail
+    except MediaError as refused:
+        decision.reason, decision.detail = refused.reason, refused.detail
+    return decision
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    """A file row past the rules that need no content (ORPHAN_USER, UNSAFE_PATH): its blob's key and its
+    document but for the content's size and hash; or ``refused`` (INVALID_VALUE), which §6 puts after the
+    content's own reasons, so it is raised only once the content is read (:func:`read_file_content`)."""
+
+    key: str
+    fields: dict[str, Any]
+    refused: rules.Quarantined | None = None
+
+    def document(self, size_bytes: int, sha256: str) -> dict[str, Any]:
+        return {**self.fields, "size_bytes": size_bytes, "sha256": sha256}
+
+
+def plan_file(row: Mapping[str, Any], users: set[Any], blobs: BlobStore) -> FilePlan:
+    """ORPHAN_USER, UNSAFE_PATH (lexically: the media source finds the symlinks), then the document's own
+    values, before any content is read or blob written (the real size and hash come later: a 64-bit size
+    and a 64-character hash cannot make a valid document invalid)."""
+    app_rules.require_user(row["user_id"] in users)
+    app_rules.require_safe_path(row["file_path"])
+    key = app_rules.blob_key(row["user_id"], row["file_id"])
+    try:
+        fields = app_rules.file_document(row, size_bytes=0, sha256="0" * 64, blob_url=blobs.url(key))
+    except rules.Quarantined as problem:
+        return FilePlan(key, {}, problem)
+    return FilePlan(key, fields)
+
+
+def read_file_content(media: MediaSource, row: Mapping[str, Any], plan: FilePlan) -> tuple[int, str]:
+    """Size and SHA-256 of the file's real content, streamed from the media source, nothing written; in §6
+    order MISSING_BLOB / UNSAFE_PATH (a symlink leading outside), CHECKSUM_MISMATCH, then the plan's refusal."""
+    size, sha256 = hash_source(media, row["file_path"])
+    app_rules.require_checksum(row["sha256"], sha256)
+    if plan.refused is not None:
+        raise plan.refused
+    return size, sha256
+
+
+def read_file_document(row: Mapping[str, Any], users: set[Any], media: MediaSource, blobs: BlobStore) -> dict[str, Any]:
+    """A file row's document as a dry run makes it: every §6 rule, the content read to get its real size
+    and hash, no blob written (``blob_url`` is where the blob belongs)."""
+    plan = plan_file(row, users, blobs)
+    return plan.document(*read_file_content(media, row, plan))
+
+
 class AppMigration:
     """One run of one app entity over one shard."""
 
@@ -371,13 +467,7 @@ class AppMigration:
 
     def _page(self, after: int, since: datetime | None) -> list[dict[str, Any]]:
         """The shard's next ``batch_size`` source rows after legacy id ``after`` (changed since ``since``)."""
-        t = self.source
-        query = select(t).where(self._eligible(), t.c.id > after)
-        if since is not None:
-            query = query.where(t.c[self.updated_at] > since)  # type: ignore[index]
-        with self.django.connect() as source:
-            result = source.execute(query.order_by(t.c.id).limit(self.params.batch_size)).mappings()
-            return [dict(row) for row in result]
+        return source_page(self.django, self.params.entity, self.shard_number, after, self.params.batch_size, since)
 
     def _prepared_batches(
         self, readers: ThreadPoolExecutor, counted: Future[int], after: int, since: datetime | None
@@ -558,25 +648,11 @@ class AppMigration:
         the media source can open several files at once (local folders: the copies wait on the disk,
         not on the GIL); one at a time otherwise (an SFTP session)."""
 
+        def file(row: Mapping[str, Any], decision: Decision) -> dict[str, Any]:
+            return self._file(row, existing.get(self.path(decision.legacy_id)), parents.users, decision)
+
         def decide(row: Mapping[str, Any]) -> Decision:
-            decision = Decision(legacy_id=int(row["id"]))
-            try:
-                if entity == "users":
-                    document = app_rules.transform_user(row)
-                elif entity == "files":
-                    old = existing.get(self.path(decision.legacy_id))
-                    document = self._file(row, old, parents.users, decision)
-                else:
-                    app_rules.require_user(row["user_id"] in parents.users)
-                    app_rules.require_file(row["file_id"], row["file_id"] in parents.files)
-                    document = app_rules.filter_document(row)
-                decision.document = document  # the transforms refuse what Firestore cannot hold
-                decision.digest = app_rules.document_hash(entity, document)
-            except rules.Quarantined as refused:
-                decision.reason, decision.detail = refused.reason, refused.detail
-            except MediaError as refused:
-                decision.reason, decision.detail = refused.reason, refused.detail
-            return decision
+            return decide_row(entity, row, parents, file)
 
         entity = self.params.entity
         if entity == "files" and self.copiers is not None and getattr(self.media, "concurrent_opens", False):
@@ -602,33 +678,22 @@ class AppMigration:
         """The file's document, its blob in place. Reasons in §6 order: ORPHAN_USER, UNSAFE_PATH,
         MISSING_BLOB, CHECKSUM_MISMATCH, INVALID_VALUE; a quarantined file gets no blob."""
         assert self.media is not None and self.blobs is not None
-        app_rules.require_user(row["user_id"] in users)
-        app_rules.require_safe_path(row["file_path"])
-        key = app_rules.blob_key(row["user_id"], row["file_id"])
-        url = self.blobs.url(key)
-        refused: rules.Quarantined | None = None
-        provisional: dict[str, Any] = {}
-        try:  # the document's own values, before any blob is written (the real size and hash come later:
-            # a 64-bit size and a 64-character hash cannot make a valid document invalid)
-            provisional = app_rules.file_document(row, size_bytes=0, sha256="0" * 64, blob_url=url)
-        except rules.Quarantined as problem:
-            refused = problem
-        if refused is not None or self.params.dry_run or (old is not None and old.get("sha256")):
+        plan = plan_file(row, users, self.blobs)
+        key = plan.key
+        if plan.refused is not None or self.params.dry_run or (old is not None and old.get("sha256")):
             # read the content only: an invalid or dry-run file gets no blob, a known one may be unchanged
-            size, sha256 = hash_source(self.media, row["file_path"])
-            app_rules.require_checksum(row["sha256"], sha256)
-            if refused is not None:
-                raise refused
+            size, sha256 = read_file_content(self.media, row, plan)
             stored = self.blobs.stat(key)
             same = old is not None and old.get("sha256") == sha256 and stored is not None and stored.size == size
             if not (self.params.dry_run or same):
                 decision.blob_backup = self._backup_blob(key) if old is not None else None
                 copied = copy_blob(self.media, row["file_path"], self.blobs, key, expected_sha256=sha256)
                 size, sha256 = copied.size, copied.sha256
-        else:
-            copied = copy_blob(self.media, row["file_path"], self.blobs, key, expected_sha256=row["sha256"])
+        else:  # a blank recorded sha256 (CHAR(64): spaces) counts as NULL, as in app_rules.require_checksum
+            recorded = (row["sha256"] or "").strip() or None
+            copied = copy_blob(self.media, row["file_path"], self.blobs, key, expected_sha256=recorded)
             size, sha256 = copied.size, copied.sha256
-        return {**provisional, "size_bytes": size, "sha256": sha256}
+        return plan.document(size, sha256)
 
     # --- blobs a run overwrites or deletes -----------------------------------------------------
 

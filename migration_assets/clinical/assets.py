@@ -6,14 +6,15 @@ worker streams, transforms and writes, and reports its counts back through Dagst
 materialization's metadata.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any, Literal
 
-from dagster import AssetExecutionContext, AssetsDefinition, Backoff, Config, RetryPolicy, asset
+from dagster import AssetExecutionContext, AssetKey, AssetsDefinition, Backoff, Config, RetryPolicy, asset
 from pydantic import Field
 
+from migration_assets.dashboard import target_metadata
 from migration_assets.launch import refused_before_start, require_queued
-from migration_assets.partitions import sistemas_partitions
+from migration_assets.registry import Entity, entity
 from resources.databases import DatabaseResource
 from resources.errors import MigrationError
 from resources.policy import MigrationPolicy
@@ -67,17 +68,18 @@ def run_parameters(
         )
 
 
-def clinical_asset(entity: str, description: str, deps: Sequence[AssetsDefinition] = ()) -> AssetsDefinition:
+def clinical_asset(spec: Entity) -> AssetsDefinition:
     """One clinical entity of one sistema per materialization, run by the worker."""
 
     @asset(
-        name=entity,
-        group_name="clinical",
-        partitions_def=sistemas_partitions,
-        deps=deps,
+        name=spec.name,
+        group_name=spec.group,
+        partitions_def=spec.partitions_def,
+        deps=[spec.source_key, *(AssetKey(parent) for parent in spec.parents)],
         retry_policy=MIGRATION_RETRY,
         kinds={"mariadb", "postgres", "ssh"},
-        description=description,
+        description=spec.description,
+        metadata=target_metadata(spec),
     )
     def migrate(
         context: AssetExecutionContext,
@@ -88,7 +90,7 @@ def clinical_asset(entity: str, description: str, deps: Sequence[AssetsDefinitio
         state_db: DatabaseResource,
         policy: MigrationPolicy,
     ) -> Iterator[Any]:
-        params = run_parameters(context, entity, config, policy)
+        params = run_parameters(context, spec.name, config, policy)
         secrets = {"legacy_db_url": legacy_db.url, "target_db_url": clinical_db.url, "state_db_url": state_db.url}
         try:
             reported = worker.migrate(context, params.worker_argv(), secrets, config.timeout_seconds)
@@ -100,9 +102,5 @@ def clinical_asset(entity: str, description: str, deps: Sequence[AssetsDefinitio
     return migrate
 
 
-patients = clinical_asset("patients", "clinical.patients of one legacy sistema, migrated from pacientes (DESIGN §6).")
-encounters = clinical_asset(
-    "encounters",
-    "clinical.encounters of one legacy sistema, from atenciones; needs its patients first.",
-    deps=[patients],
-)
+patients = clinical_asset(entity("patients"))
+encounters = clinical_asset(entity("encounters"))
