@@ -10,7 +10,8 @@
   document's hash is recomputed from its stored fields (never its ``content_hash``), its references looked
   up a page at a time (``dangling:user``, ``dangling:file``) and, for files, its blob read back
   (``blob:missing``, ``blob:changed``);
-- **quarantine** (:func:`held_records`): the shard's ``migration.quarantine`` rows in legacy-id order.
+- **quarantine** (worker/counts.py :func:`quarantine_frames`, as the clinical side reads it): the shard's
+  ``migration.quarantine`` rows in legacy-id order.
 
 A document the comparison cannot place — its ``legacy_id`` missing or not an integer, or its document id
 not that integer (§6: "document ids are the legacy ids as strings") — is counted apart as
@@ -25,11 +26,11 @@ from __future__ import annotations
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from itertools import islice
 from typing import Any
 
 from google.cloud import firestore
-from google.cloud.firestore_v1.base_query import FieldFilter
-from sqlalchemy import Engine, inspect, select
+from sqlalchemy import Engine
 
 from migration_assets.app.migrate import (
     BLOB_WORKERS,
@@ -40,10 +41,11 @@ from migration_assets.app.migrate import (
     source_page,
 )
 from resources.blobstore import BlobStore
-from resources.firestore import count_shard, get_many
+from resources.firestore import StoredDocument, count_shard, get_many, stream_collection
 from resources.media import MediaSource, MissingBlob
-from worker import app_rules, rules, schema
-from worker.verify import SAMPLE, Expected, Finding, Held, Report, Stored, compare
+from worker import app_rules, rules
+from worker.counts import quarantine_frames
+from worker.verify import SAMPLE, Expected, Finding, Report, Stored, compare_frames, expected_frames, stored_frames
 
 PAGE_SIZE = 1000  # source rows, documents and quarantine rows read at a time
 
@@ -80,14 +82,18 @@ def verify_app_partition(
         raise ValueError("page_size must be positive")
     malformed = Finding()
     with ThreadPoolExecutor(max_workers=BLOB_WORKERS, thread_name_prefix="verify-read") as pool:
-        report = compare(
-            expected_records(
-                entity, number, django, firestore_client, media=media, blobs=blobs, pool=pool, page_size=page_size
+        report = compare_frames(
+            expected_frames(
+                expected_records(
+                    entity, number, django, firestore_client, media=media, blobs=blobs, pool=pool, page_size=page_size
+                )
             ),
-            stored_records(
-                entity, shard, firestore_client, blobs=blobs, pool=pool, page_size=page_size, malformed=malformed
+            stored_frames(
+                stored_records(
+                    entity, shard, firestore_client, blobs=blobs, pool=pool, page_size=page_size, malformed=malformed
+                )
             ),
-            held_records(state, entity, shard, page_size=page_size),
+            quarantine_frames(state, entity, shard, rows=page_size),
         )
     if malformed.count:
         report.problems[MALFORMED] = malformed
@@ -228,25 +234,14 @@ def blob_problem(blobs: BlobStore, document: Mapping[str, Any]) -> str | None:
 
 def shard_pages(
     client: firestore.Client, collection: str, shard: str, page_size: int = PAGE_SIZE
-) -> Iterator[list[firestore.DocumentSnapshot]]:
-    """The shard's documents of ``collection`` ordered by ``legacy_id``, a page at a time, each page
-    starting after the previous one's last document (its ``legacy_id`` and name). Real Firestore needs the
-    composite index (``shard`` ASC, ``legacy_id`` ASC) for this query; documents without a ``legacy_id``
-    field are not in it (:func:`stored_records` counts them)."""
-    query = (
-        client.collection(collection)
-        .where(filter=FieldFilter("shard", "==", shard))
-        .order_by("legacy_id")
-        .limit(page_size)
-    )
-    last = None
-    while True:
-        page = list((query if last is None else query.start_after(last)).stream())
-        if page:
-            yield page
-        if len(page) < page_size:
-            return
-        last = page[-1]
+) -> Iterator[list[StoredDocument]]:
+    """The shard's documents of ``collection`` ordered by ``legacy_id``, ``page_size`` at a time (the cursor
+    paging of :func:`resources.firestore.stream_collection`). Real Firestore needs the composite index
+    (``shard`` ASC, ``legacy_id`` ASC) for this query; documents without a ``legacy_id`` field are not in
+    it (:func:`stored_records` counts them)."""
+    documents = stream_collection(client, collection, shard, order_by="legacy_id", page_size=page_size)
+    while page := list(islice(documents, page_size)):
+        yield page
 
 
 def stored_records(
@@ -268,13 +263,13 @@ def stored_records(
     for page in shard_pages(client, entity, shard, page_size):
         listed += len(page)
         keyed: list[tuple[int, dict[str, Any]]] = []
-        for snapshot in page:
-            document = snapshot.to_dict() or {}
-            key = record_key(snapshot.id, document)
+        for stored in page:
+            document = stored.data
+            key = record_key(stored.id, document)
             if key is None:
                 malformed.count += 1
-                if snapshot.id.isdecimal() and len(malformed.sample) < SAMPLE:
-                    malformed.sample.append(int(snapshot.id))
+                if stored.id.isdecimal() and len(malformed.sample) < SAMPLE:
+                    malformed.sample.append(int(stored.id))
                 continue
             keyed.append((key, document))
         documents = [document for _, document in keyed]
@@ -290,26 +285,3 @@ def stored_records(
     unlisted = count_shard(client, entity, shard) - listed
     if unlisted > 0:
         malformed.count += unlisted
-
-
-# --- the quarantine ------------------------------------------------------------------------------
-
-
-def held_records(state: Engine, entity: str, shard: str, *, page_size: int = PAGE_SIZE) -> Iterator[Held]:
-    """The shard's quarantine rows in legacy-id order (keyset pages); none when no run made the table."""
-    q = schema.quarantine
-    with state.connect() as conn:
-        in_schema = None if conn.dialect.name == "sqlite" else q.schema  # SQLite: one file, no schemas
-        if not inspect(conn).has_table(q.name, schema=in_schema):
-            return
-    query = select(q.c.legacy_id, q.c.reason).where(q.c.entity == entity, q.c.partition_key == shard)
-    after: int | None = None
-    while True:
-        page = query if after is None else query.where(q.c.legacy_id > after)
-        with state.connect() as conn:
-            rows = conn.execute(page.order_by(q.c.legacy_id).limit(page_size)).all()
-        for legacy_id, reason in rows:
-            yield Held(int(legacy_id), reason)
-        if len(rows) < page_size:
-            return
-        after = int(rows[-1][0])

@@ -487,8 +487,10 @@ def stream_collection(
     fields: Sequence[str] | None = None,
     *,
     page_size: int = PAGE_SIZE,
+    order_by: str = "__name__",
 ) -> Iterator[StoredDocument]:
-    """Every document of ``collection`` whose ``shard`` field equals ``shard``, in document-id order.
+    """Every document of ``collection`` whose ``shard`` field equals ``shard``, in document-id order (or
+    ``order_by``'s: documents without that field are not in it).
 
     Read a page of ``page_size`` at a time, each page starting after the last document of the
     previous one (a cursor), so the collection is never loaded at once.
@@ -498,7 +500,7 @@ def stream_collection(
     query = (
         client.collection(collection)
         .where(filter=FieldFilter("shard", "==", shard))
-        .order_by("__name__")
+        .order_by(order_by)
         .limit(page_size)
     )
     if fields is not None:

@@ -8,13 +8,15 @@ check proves them record by record (worker/verify.py).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import polars as pl
 from sqlalchemy import Engine, func, select
 
-from worker import schema
-from worker.verify import Accounting
+from worker import schema, store
+from worker.verify import HELD_SCHEMA, Accounting
 
 
 @dataclass(frozen=True)
@@ -69,3 +71,24 @@ def quarantined(state: Engine, entity: str, partition_key: str) -> dict[str, int
                 .order_by(q.c.reason)
             ).all()
         )
+
+
+def quarantine_frames(state: Engine, entity: str, partition_key: str, rows: int = 20_000) -> Iterator[pl.DataFrame]:
+    """The partition's quarantine rows by legacy id, a keyset page at a time, as the ``coverage`` check
+    reads them (``verify.HELD_SCHEMA``); nothing when no run has made the table yet."""
+    q = schema.quarantine
+    if not schema.has_table(state, q):
+        return
+    query = select(q.c.legacy_id.label("key"), q.c.reason).where(
+        q.c.entity == entity, q.c.partition_key == partition_key
+    )
+    last: int | None = None
+    with state.connect() as conn:
+        while True:
+            page_query = query if last is None else query.where(q.c.legacy_id > last)
+            page = store.frame_of(conn, page_query.order_by(q.c.legacy_id).limit(rows), HELD_SCHEMA)
+            conn.rollback()
+            yield page
+            if page.height < rows:
+                return
+            last = int(page["key"][-1])

@@ -26,6 +26,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     create_engine,
+    inspect,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.types import TypeDecorator, TypeEngine
@@ -245,6 +246,13 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     if engine.dialect.name == "sqlite":
         engine = engine.execution_options(schema_translate_map={"clinical": None, "migration": None})
     return engine
+
+
+def has_table(bind: Engine, table: Table) -> bool:
+    """Whether ``table`` exists (on SQLite, the demo's, its schema is mapped onto the one file)."""
+    if bind.dialect.name == "sqlite":
+        return inspect(bind).has_table(table.name)
+    return inspect(bind).has_table(table.name, schema=table.schema)
 
 
 def create_schemas(engine: Engine, *metadatas: MetaData) -> None:

@@ -298,10 +298,16 @@ def _frames(items: Iterable[tuple[Any, ...]], schema: dict[str, Any]) -> Iterato
     yield pl.DataFrame(chunk, schema=schema, orient="row")
 
 
+def expected_frames(source: Iterable[Expected]) -> Iterator[pl.DataFrame]:
+    """Source records given one by one, as the frames :func:`compare_frames` reads."""
+    return _frames(source, SOURCE_SCHEMA)
+
+
+def stored_frames(target: Iterable[Stored]) -> Iterator[pl.DataFrame]:
+    """Target records given one by one, as the frames :func:`compare_frames` reads."""
+    return _frames(((key, digest, list(problems)) for key, digest, problems in target), TARGET_SCHEMA)
+
+
 def compare(source: Iterable[Expected], target: Iterable[Stored], quarantine: Iterable[Held] = ()) -> Report:
     """:func:`compare_frames` of records given one by one (each stream in ascending key order)."""
-    return compare_frames(
-        _frames(source, SOURCE_SCHEMA),
-        _frames(((key, digest, list(problems)) for key, digest, problems in target), TARGET_SCHEMA),
-        _frames(quarantine, HELD_SCHEMA),
-    )
+    return compare_frames(expected_frames(source), stored_frames(target), _frames(quarantine, HELD_SCHEMA))

@@ -34,9 +34,10 @@ from typing import Any, TypeVar
 
 import numpy as np
 import polars as pl
-from sqlalchemy import Connection, Engine, Table, and_, inspect, select, tuple_
+from sqlalchemy import Connection, Engine, and_, select, tuple_
 
-from worker import batch, engine, rules, schema, store
+from worker import batch, engine, rules, schema
+from worker.counts import quarantine_frames
 from worker.params import ENTITIES, InvalidParameters, sistema_problem
 from worker.source import LegacyReader
 from worker.verify import Report, compare_frames
@@ -64,7 +65,7 @@ def migration_settings(state: Engine, entity: str, sistema: str) -> MigrationSet
     ``sistema`` in ``migration.runs``: its practitioner pair, and the local date it started on (the
     migration's ``date.today()``, on this same host). Without such a run: no mapping, today."""
     r = schema.runs
-    if not _has_table(state, r):
+    if not schema.has_table(state, r):
         return MigrationSettings(date.today())
     with state.connect() as conn:
         row = conn.execute(
@@ -86,13 +87,6 @@ def migration_settings(state: Engine, entity: str, sistema: str) -> MigrationSet
     mapping = rules.PractitionerMapping(source, target) if both else None
     started = rules.coerce_datetime(row.started_at)
     return MigrationSettings(started.astimezone().date() if started else date.today(), mapping, str(row.run_id))
-
-
-def _has_table(bind: Engine, table: Table) -> bool:
-    """Whether ``table`` exists (on SQLite, the demo's, its schema is mapped onto the one file)."""
-    if bind.dialect.name == "sqlite":
-        return inspect(bind).has_table(table.name)
-    return inspect(bind).has_table(table.name, schema=table.schema)
 
 
 # --- the source --------------------------------------------------------------------------------
@@ -210,7 +204,7 @@ def source_frames(
         # the rules' thread alone (as the migration's); SQLite's (the demo's) stay on the caller's.
         lookups: Connection | None = None
         threaded = entity == "patients" or target.dialect.name == "postgresql"
-        if entity == "encounters" and _has_table(target, schema.patients):
+        if entity == "encounters" and schema.has_table(target, schema.patients):
             lookups = stack.enter_context(target.connect())
         # Closed in the reverse order: the rules' thread, then the reader, then the look-ups' connection.
         pages = stack.enter_context(closing(reader.pages(engine.LOWEST)))
@@ -295,7 +289,7 @@ def target_frames(entity: str, sistema: str, target: Engine, rows: int = PAGE_RO
     partition by legacy id, its ``digest`` recomputed from its stored fields; an encounter whose
     patient is not in the target has no digest and the problem ``dangling:patient``."""
     types = TARGET_TYPES[entity]
-    if not _has_table(target, schema.TARGETS[entity]):
+    if not schema.has_table(target, schema.TARGETS[entity]):
         return
     fetch = _postgres_page if target.dialect.name == "postgresql" else _generic_page
     after: tuple[int, int] | None = None
@@ -319,29 +313,6 @@ def target_frames(entity: str, sistema: str, target: Engine, rows: int = PAGE_RO
 
 
 # --- the quarantine ----------------------------------------------------------------------------
-
-
-def held_frames(entity: str, sistema: str, state: Engine, rows: int = PAGE_ROWS) -> Iterator[pl.DataFrame]:
-    """The quarantine stream, a page at a time (``verify.HELD_SCHEMA``): the partition's quarantine
-    rows by legacy id."""
-    q = schema.quarantine
-    if not _has_table(state, q):
-        return
-    last: int | None = None
-    with state.connect() as conn:
-        while True:
-            query = select(q.c.legacy_id.label("key"), q.c.reason).where(
-                q.c.entity == entity, q.c.partition_key == sistema
-            )
-            if last is not None:
-                query = query.where(q.c.legacy_id > last)
-            query = query.order_by(q.c.legacy_id).limit(rows)
-            page = store.frame_of(conn, query, {"key": pl.Int64, "reason": pl.String})
-            conn.rollback()
-            yield page
-            if page.height < rows:
-                return
-            last = int(page["key"][-1])
 
 
 # --- all of it ---------------------------------------------------------------------------------
@@ -407,6 +378,6 @@ def verify_partition(
     with (
         closing(source_frames(entity, sistema, legacy, target, chosen, page)) as source,
         closing(ahead(target_frames(entity, sistema, target), "target-reader")) as stored,
-        closing(held_frames(entity, sistema, state)) as quarantine,
+        closing(quarantine_frames(state, entity, sistema)) as quarantine,
     ):
         return compare_frames(source, stored, quarantine)
