@@ -9,7 +9,7 @@ DEMO_ENV := DAGSTER_HOME=$(DEMO)/dagster_home \
 	DJANGO_DB_URL=sqlite:///$(DEMO)/django.db FIRESTORE_PROJECT=demo-migration \
 	MEDIA_TRANSPORT=local MEDIA_ROOT=$(DEMO)/media BLOB_STORE_URL=$(DEMO)/blobs
 
-.PHONY: install demo dev test lint check verify sshd chromium bench bench-app bench-checks report clean
+.PHONY: install demo dev test lint check verify sshd chromium bench bench-app bench-checks report health clean
 
 install: $(VENV)/.installed
 
@@ -83,6 +83,13 @@ bench-checks: install
 ## reports/coverage.json and reports/coverage.html from the latest check results of the demo instance
 report: install
 	$(DEMO_ENV) $(PY) -m checks.report
+
+## every component the migrations need (SSH, the worker and its version, each database, Firestore, the blob
+## store) as JSON; exit 1 when one is down, 2 when a variable is missing. On the demo's settings (Firestore: the
+## emulator of `make dev`) unless LEGACY_DB_URL is set: then on the environment's, as in production
+health: install
+	$(if $(LEGACY_DB_URL),,$(DEMO_ENV) FIRESTORE_EMULATOR_HOST=$(or $(FIRESTORE_EMULATOR_HOST),127.0.0.1:8686)) \
+	$(PY) -m migration_assets.operations.health $(if $(TIMEOUT),--timeout $(TIMEOUT))
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache

@@ -7,18 +7,25 @@ Reading the instance (public instance and event-log-storage methods; no table is
 
 - the storage's partition index of each check (``get_asset_check_partition_info``, one query per
   check): which partitions have executions, the status, run and storage id of each one's latest;
-- the coverage evaluations, from the execution history of each check (completed only, newest first,
-  each row holding its evaluation event) read in pages, a few partitions one by one;
+- the coverage evaluations, from the execution history of each check (newest first, each row
+  holding its evaluation event) read in pages — of passes only for the partitions whose latest
+  execution passed, of failures only for those whose latest failed — until each has its latest;
 - integrity evaluations only where the event says more than the index: a passed integrity check has
-  no failures, and one run in the same run as the partition's coverage check has its time; failed
-  ones come from the (short) history of failures;
+  no failures, and one run in the same run as the partition's coverage check has its time; the
+  rest as the coverage ones (failures: from the short history of failures);
 - per asset, the latest materialization storage id of every partition
   (``get_latest_storage_id_by_partition``) and those events by storage id (``fetch_materializations``).
 
-The cost is in deserializing events (~0.3-0.5 ms each on this project's 2-core machines), one per
-partition for coverage and one for the last run. So a report can be built on the previous one
-(``previous``): each row names the events it was made from, and only the rows whose events changed
-are read again. ``bench/report.py`` measures both ways for 5 entities × 500 partitions.
+The cost is in deserializing events (~0.2-0.5 ms each on this project's 2-core machines), one per
+partition for coverage and one for the last run. So:
+
+- the runs' materializations (about half of what a first report reads, and the dearer half) are read
+  in a forked child process, which opens the instance from its ref, while this one reads the check
+  evaluations (:func:`_runs_meanwhile`; on one core, or without a ref, all is read here);
+- a report can be built on the previous one (``previous``): each row names the events it was made
+  from, and only the rows whose events changed are read again.
+
+``bench/report.py`` measures both ways for 5 entities × 500 partitions.
 
 Only what the checks and runs recorded goes in: counts, percentages, statuses, timestamps and the
 samples of missing legacy ids (ids only, as in the check metadata).
@@ -32,9 +39,10 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from multiprocessing import Pipe, get_all_start_methods, get_context
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +87,7 @@ class _Latest:
     run_id: str
     storage_id: int
     status: str  # PLANNED, SUCCEEDED or FAILED
+    member: Any = field(default=None, compare=False)  # the status as the storage's enum, for its queries
 
     @property
     def completed(self) -> bool:
@@ -88,6 +97,9 @@ class _Latest:
     def identity(self) -> str | None:
         """Names the evaluation for a later build (None: only planned, its evaluation is elsewhere)."""
         return f"{self.run_id}/{self.storage_id}" if self.completed else None
+
+
+_Index = Mapping[tuple[str, str], Mapping[str, _Latest]]  # (entity, check) → partition → its latest execution
 
 
 def _plain(metadata: Mapping[str, Any]) -> dict[str, Any]:
@@ -176,24 +188,27 @@ def _latest_checks(instance: DagsterInstance, entities: Sequence[str]) -> dict[t
                 info.latest_planned_run_id or "",
                 info.latest_check_event_storage_id,
                 info.latest_execution_status.value,
+                info.latest_execution_status,
             )
     return latest
 
 
 def _evaluations(
-    instance: DagsterInstance, key: AssetCheckKey, wanted: set[str], statuses: AbstractSet[str] = COMPLETED
+    instance: DagsterInstance, key: AssetCheckKey, wanted: set[str], status: Any = None
 ) -> dict[str, tuple[Any, float]]:
-    """The latest evaluation with one of ``statuses`` (and its time) of each ``wanted`` partition of ``key``,
-    from the execution history (newest first; each row holds its evaluation event), read in pages until
-    each has its latest or the history ends (the rest were never evaluated)."""
+    """The latest completed evaluation (and its time) of each ``wanted`` partition of ``key``, from the
+    execution history (newest first; each row holds its evaluation event) — of the executions with
+    ``status`` only (the storage's enum member; None: any completed one) — read in pages until each
+    has its latest or the history ends (the rest were never evaluated)."""
     storage = instance.event_log_storage
     wanted = set(wanted)
     found: dict[str, tuple[Any, float]] = {}
     cursor: int | None = None
     while wanted:
-        page = storage.get_asset_check_execution_history(key, limit=HISTORY_PAGE, cursor=cursor)
+        statuses = None if status is None else {status}
+        page = storage.get_asset_check_execution_history(key, limit=HISTORY_PAGE, cursor=cursor, status=statuses)
         for record in page:
-            if record.status.value not in statuses or record.partition not in wanted:
+            if record.status.value not in COMPLETED or record.partition not in wanted:
                 continue
             if record.evaluation is not None and record.event is not None:
                 wanted.discard(record.partition)
@@ -201,6 +216,22 @@ def _evaluations(
         if len(page) < HISTORY_PAGE:
             break
         cursor = page[-1].id
+    return found
+
+
+def _latest_evaluations(
+    instance: DagsterInstance, key: AssetCheckKey, latest: Mapping[str, _Latest], wanted: Iterable[str]
+) -> dict[str, tuple[Any, float]]:
+    """The latest completed evaluation of each ``wanted`` partition. Where the partition index says the
+    latest execution passed (or failed), only the history of passes (or failures) is read: a few
+    failures are found without reading every pass. Only planned so far: any completed one."""
+    by_status: dict[str, set[str]] = {}
+    for partition in wanted:
+        by_status.setdefault(latest[partition].status, set()).add(partition)
+    found: dict[str, tuple[Any, float]] = {}
+    for status, partitions in sorted(by_status.items()):
+        member = latest[next(iter(partitions))].member if status in COMPLETED else None
+        found.update(_evaluations(instance, key, partitions, member))
     return found
 
 
@@ -219,14 +250,18 @@ def _materializations(
     return found
 
 
+def _ref(instance: DagsterInstance) -> Any:
+    try:
+        return instance.get_ref()
+    except Exception:  # an ephemeral instance has no ref
+        return None
+
+
 def instance_identity(instance: DagsterInstance) -> str | None:
     """A fingerprint of the instance's storage (its configuration, hashed), or None for an ephemeral
     instance: a previous report is reused only for the instance it was read from."""
-    try:
-        ref = instance.get_ref()
-    except Exception:  # an ephemeral instance has no ref
-        return None
-    return hashlib.sha256(serialize_value(ref).encode()).hexdigest()[:32]
+    ref = _ref(instance)
+    return None if ref is None else hashlib.sha256(serialize_value(ref).encode()).hexdigest()[:32]
 
 
 def _same_run_pass(coverage: _Latest | None, integrity: _Latest) -> bool:
@@ -245,23 +280,42 @@ def _same_run_pass(coverage: _Latest | None, integrity: _Latest) -> bool:
 _MAKERS = {"coverage": _coverage_fields, "integrity": _integrity_fields, "run": _run_fields}
 
 
-def _section(
+@dataclass
+class _Section:
+    """One entity's rows while they are made: each source of a row (its coverage evaluation, integrity
+    evaluation, latest run) taken from the previous report when that names the same event (``rows``),
+    else to be read from the instance (``to_read``)."""
+
+    entity: str
+    keys: list[str]
+    rows: dict[str, dict[str, Any]]
+    to_read: dict[str, set[str]]
+    runs: Mapping[str, int]  # partition → storage id of its latest materialization
+
+    def fill(self, source: str, made: Mapping[str, Mapping[str, Any]]) -> None:
+        """The fields ``source`` gives each row read for it (none found: the fields of nothing)."""
+        for key in self.to_read[source]:
+            self.rows[key].update(made[key] if key in made else _MAKERS[source](None, None))
+            if key not in made:  # e.g. only planned so far: nothing to name
+                self.rows[key]["event_ids"][source] = None
+
+    def done(self) -> dict[str, Any]:
+        ordered = [self.rows[key] for key in self.keys]
+        return {"entity": self.entity, "totals": _totals(ordered), "partitions": ordered}
+
+
+def _plan(
     instance: DagsterInstance,
     entity: str,
     partitions: Sequence[str],
-    latest: Mapping[tuple[str, str], Mapping[str, _Latest]],
+    latest: _Index,
     previous: Mapping[str, Mapping[str, Any]],
-) -> dict[str, Any]:
-    """One entity's rows. Each source of a row (its coverage evaluation, integrity evaluation, latest
-    run) is taken from the previous report when that names the same event, else read from the instance:
-    coverage evaluations and materializations in bulk, integrity evaluations only when they say more
-    than their status (:func:`_same_run_pass`)."""
-    asset_key = AssetKey([entity])
+) -> _Section:
+    """One entity's rows as far as the partition index and the previous report make them."""
     coverage, integrity = latest[(entity, "coverage")], latest[(entity, "integrity")]
-    runs = instance.get_latest_storage_id_by_partition(asset_key, DagsterEventType.ASSET_MATERIALIZATION)
+    runs = instance.get_latest_storage_id_by_partition(AssetKey([entity]), DagsterEventType.ASSET_MATERIALIZATION)
     keys = list(dict.fromkeys(partitions)) or sorted({*coverage, *integrity, *runs})
-    rows: dict[str, dict[str, Any]] = {}
-    to_read: dict[str, set[str]] = {source: set() for source in SOURCES}
+    section = _Section(entity, keys, {}, {source: set() for source in SOURCES}, runs)
     for key in keys:
         cov, integ, run = coverage.get(key), integrity.get(key), runs.get(key)
         ids = {
@@ -277,30 +331,95 @@ def _section(
             elif ids[source] is not None and (before.get("event_ids") or {}).get(source) == ids[source]:
                 row.update({name: before.get(name) for name in names})
             else:
-                to_read[source].add(key)
-        rows[key] = row
+                section.to_read[source].add(key)
+        section.rows[key] = row
+    return section
 
-    def fill(source: str, found: Mapping[str, tuple[Any, float]]) -> None:
-        for key in to_read[source]:
-            rows[key].update(_MAKERS[source](*found.get(key, (None, None))))
-            if key not in found:  # e.g. only planned so far: nothing to name
-                rows[key]["event_ids"][source] = None
 
-    fill("coverage", _evaluations(instance, AssetCheckKey(asset_key, "coverage"), to_read["coverage"]))
-    for key in sorted(to_read["integrity"]):
+def _made(source: str, found: Mapping[str, tuple[Any, float]]) -> dict[str, dict[str, Any]]:
+    return {key: _MAKERS[source](event, timestamp) for key, (event, timestamp) in found.items()}
+
+
+def _read_checks(
+    instance: DagsterInstance, section: _Section, latest: Mapping[tuple[str, str], Mapping[str, _Latest]]
+) -> None:
+    """The coverage evaluations to read, then the integrity ones that say more than their status
+    (:func:`_same_run_pass`)."""
+    asset_key = AssetKey([section.entity])
+    coverage, integrity = latest[(section.entity, "coverage")], latest[(section.entity, "integrity")]
+    to_read = section.to_read
+    found = _latest_evaluations(instance, AssetCheckKey(asset_key, "coverage"), coverage, to_read["coverage"])
+    section.fill("coverage", _made("coverage", found))
+    for key in sorted(section.to_read["integrity"]):
         if _same_run_pass(coverage.get(key), integrity[key]):
-            when = rows[key]["coverage_evaluated_at"]
-            rows[key].update({"integrity_status": "passed", "integrity_failures": 0, "integrity_evaluated_at": when})
-            to_read["integrity"].discard(key)
-    # failed ones through the (short) history of failures, the rest (passed in a run of their own) alone
-    integrity_key = AssetCheckKey(asset_key, "integrity")
-    failed = {key for key in to_read["integrity"] if integrity[key].status == FAILED}
-    found = _evaluations(instance, integrity_key, failed, {FAILED})
-    found.update(_evaluations(instance, integrity_key, to_read["integrity"] - set(found)))
-    fill("integrity", found)
-    fill("run", _materializations(instance, asset_key, [runs[key] for key in to_read["run"]]))
-    ordered = [rows[key] for key in keys]
-    return {"entity": entity, "totals": _totals(ordered), "partitions": ordered}
+            when = section.rows[key]["coverage_evaluated_at"]
+            section.rows[key].update(
+                {"integrity_status": "passed", "integrity_failures": 0, "integrity_evaluated_at": when}
+            )
+            section.to_read["integrity"].discard(key)
+    found = _latest_evaluations(
+        instance, AssetCheckKey(asset_key, "integrity"), integrity, section.to_read["integrity"]
+    )
+    section.fill("integrity", _made("integrity", found))
+
+
+def _read_runs(instance: Any, wanted: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """entity → partition → the fields of its latest run, from the materializations with these
+    storage ids (entity → partition → storage id). Given an instance's ref (in a child process), it
+    opens the instance itself."""
+    opened = instance if isinstance(instance, DagsterInstance) else DagsterInstance.from_ref(instance)
+    made: dict[str, dict[str, dict[str, Any]]] = {}
+    for entity, storage_ids in wanted.items():
+        found = _materializations(opened, AssetKey([entity]), list(storage_ids.values()))
+        made[entity] = _made("run", found)
+    return made
+
+
+def _send_runs(sending: Connection, ref: Any, wanted: Mapping[str, Mapping[str, int]]) -> None:
+    """The forked child: the runs' fields through the pipe (None when reading them failed)."""
+    try:
+        made: dict[str, Any] | None = _read_runs(ref, wanted)
+    except Exception:
+        made = None
+    sending.send(made)
+    sending.close()
+
+
+PARALLEL_RUNS = 200  # materializations to read before it pays to read them in a second process
+CHILD_TIMEOUT_S = 120.0
+
+
+def _runs_meanwhile(instance: DagsterInstance, wanted: Mapping[str, Mapping[str, int]]) -> Any:
+    """Start reading the runs' fields (:func:`_read_runs`) and return a callable that gives them.
+
+    Reading an event is CPU-bound (deserialization holds the GIL) and the runs' materializations are
+    about half the events a first report reads; with a second core they are read in a forked child
+    process (which opens the instance from its ref) while this one reads the check evaluations. On
+    one core, a small read, an instance without a ref, or a child that fails or hangs: read here."""
+    count = sum(len(ids) for ids in wanted.values())
+    ref = _ref(instance)
+    if ref is None or count < PARALLEL_RUNS or (os.cpu_count() or 1) < 2 or "fork" not in get_all_start_methods():
+        return lambda: _read_runs(instance, wanted)
+    receiving, sending = Pipe(duplex=False)
+    child = get_context("fork").Process(target=_send_runs, args=(sending, ref, wanted), daemon=True)
+    child.start()
+    sending.close()
+
+    def result() -> dict[str, dict[str, dict[str, Any]]]:
+        try:
+            if receiving.poll(CHILD_TIMEOUT_S):
+                made = receiving.recv()
+                if isinstance(made, dict):
+                    return made
+        except (EOFError, OSError):  # the child died before it sent anything
+            pass
+        finally:
+            receiving.close()
+            child.kill()
+            child.join()
+        return _read_runs(instance, wanted)  # the child failed or hung: read here instead
+
+    return result
 
 
 def _totals(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
@@ -344,9 +463,14 @@ def build_report(
             reusable[str(section.get("entity"))] = {str(row.get("partition")): row for row in section["partitions"]}
     names = [entity for entity, _ in entities]
     latest = _latest_checks(instance, names)
-    sections = [
-        _section(instance, entity, partitions, latest, reusable.get(entity, {})) for entity, partitions in entities
-    ]
+    plans = [_plan(instance, entity, partitions, latest, reusable.get(entity, {})) for entity, partitions in entities]
+    runs = _runs_meanwhile(instance, {p.entity: {key: p.runs[key] for key in p.to_read["run"]} for p in plans})
+    for section in plans:
+        _read_checks(instance, section, latest)
+    made = runs()
+    for section in plans:
+        section.fill("run", made.get(section.entity, {}))
+    sections = [section.done() for section in plans]
     every_row = [row for section in sections for row in section["partitions"]]
     return {
         "generated_at": (now or datetime.now(UTC)).isoformat(timespec="seconds"),

@@ -15,6 +15,7 @@ from typing import Any
 
 from dagster import EnvVar, ResourceDefinition
 
+from resources.alerts import AlertResource
 from resources.blobstore import BlobStore
 from resources.databases import DatabaseResource
 from resources.errors import Category, MigrationError
@@ -43,6 +44,14 @@ def _number(name: str, default: str, kind: Callable[[str], Any], lo: float, hi: 
     if value is None or not lo <= value <= hi:
         raise MigrationError(Category.VALIDATION_ERROR, f"{name} must be a number from {lo:g} to {hi:g}") from None
     return value
+
+
+def _flag(name: str) -> bool:
+    """A true/false variable (unset: false)."""
+    text = env(name, "false").strip().lower()
+    if text not in ("true", "false", "1", "0", "yes", "no"):
+        raise MigrationError(Category.VALIDATION_ERROR, f"{name} must be true or false")
+    return text in ("true", "1", "yes")
 
 
 def _transport(name: str) -> str:
@@ -108,10 +117,23 @@ def database_from_env(name: str, fallback: str | None = None) -> DatabaseResourc
     return DatabaseResource(url=env(name, default))
 
 
+def alerts_from_env() -> AlertResource:
+    """Where alerts go: ``ALERT_WEBHOOK_URL``, ``ALERT_SMTP_URL`` + ``ALERT_EMAIL_TO`` (each optional: an
+    unset channel is off); their outbox is in the control DB (``STATE_DB_URL``, else ``CLINICAL_DB_URL``)."""
+    return AlertResource(
+        webhook_url=EnvVar("ALERT_WEBHOOK_URL").get_value() or None,
+        smtp_url=EnvVar("ALERT_SMTP_URL").get_value() or None,
+        email_to=EnvVar("ALERT_EMAIL_TO").get_value() or None,
+        state_db_url=database_from_env("STATE_DB_URL", fallback="CLINICAL_DB_URL").url,
+    )
+
+
 def policy_from_env() -> MigrationPolicy:
     return MigrationPolicy(
         max_delete_share=_number("MAX_DELETE_SHARE", "0.10", float, 0, 1),
         min_coverage=_number("MIN_COVERAGE", "0.95", float, 0, 1),
+        retention_days=_number("RETENTION_DAYS", "30", int, 1, 3650),
+        auto_rollback=_flag("AUTO_ROLLBACK"),
     )
 
 
@@ -120,26 +142,37 @@ def env_only(factory: Callable[[], Any], description: str) -> ResourceDefinition
     return ResourceDefinition(resource_fn=lambda _context: factory(), config_schema={}, description=description)
 
 
-# Shared by both groups: Definitions.merge wants the very same definition under one key.
+# One definition per resource, shared by the domains: Definitions.merge wants the very same
+# definition under one key.
 STATE_DB = env_only(
     lambda: database_from_env("STATE_DB_URL", fallback="CLINICAL_DB_URL"),
     "the control DB (migration.*): STATE_DB_URL, else CLINICAL_DB_URL",
 )
-POLICY = env_only(policy_from_env, "limits of a run: MAX_DELETE_SHARE, MIN_COVERAGE")
+ALERTS = env_only(alerts_from_env, "alerts: ALERT_WEBHOOK_URL, ALERT_SMTP_URL, ALERT_EMAIL_TO; outbox in STATE_DB_URL")
+POLICY = env_only(policy_from_env, "limits: MAX_DELETE_SHARE, MIN_COVERAGE, AUTO_ROLLBACK, RETENTION_DAYS")
+
+
+WORKER = env_only(worker_from_env, "the migration worker: WORKER_TRANSPORT, WORKER_COMMAND, SSH_*")
+LEGACY_DB = env_only(lambda: database_from_env("LEGACY_DB_URL"), "the legacy clinical DB: LEGACY_DB_URL")
+CLINICAL_DB = env_only(lambda: database_from_env("CLINICAL_DB_URL"), "the clinical target: CLINICAL_DB_URL")
+DJANGO_DB = env_only(lambda: database_from_env("DJANGO_DB_URL"), "the List Cutter DB: DJANGO_DB_URL")
+FIRESTORE = env_only(firestore_from_env, "the target: FIRESTORE_PROJECT, FIRESTORE_EMULATOR_HOST")
+MEDIA = ResourceDefinition(
+    resource_fn=_media_for_a_step,
+    config_schema={},
+    description="the uploaded files: MEDIA_ROOT, MEDIA_TRANSPORT (sftp through SSH_*, or local)",
+)
+BLOB_STORE = env_only(blob_store_from_env, "where file contents go: BLOB_STORE_URL")
 
 
 def app_resources() -> dict[str, ResourceDefinition]:
     """The app group's resources: the Django DB, Firestore, the media host, the blob store. A step
     needs only those of its own asset (users and filters never touch MEDIA_* or BLOB_STORE_URL)."""
     return {
-        "django_db": env_only(lambda: database_from_env("DJANGO_DB_URL"), "the List Cutter DB: DJANGO_DB_URL"),
-        "firestore": env_only(firestore_from_env, "the target: FIRESTORE_PROJECT, FIRESTORE_EMULATOR_HOST"),
-        "media": ResourceDefinition(
-            resource_fn=_media_for_a_step,
-            config_schema={},
-            description="the uploaded files: MEDIA_ROOT, MEDIA_TRANSPORT (sftp through SSH_*, or local)",
-        ),
-        "blob_store": env_only(blob_store_from_env, "where file contents go: BLOB_STORE_URL"),
+        "django_db": DJANGO_DB,
+        "firestore": FIRESTORE,
+        "media": MEDIA,
+        "blob_store": BLOB_STORE,
         "state_db": STATE_DB,
         "policy": POLICY,
     }
@@ -148,9 +181,9 @@ def app_resources() -> dict[str, ResourceDefinition]:
 def clinical_resources() -> dict[str, ResourceDefinition]:
     """The clinical group's resources: the worker host and the three databases."""
     return {
-        "worker": env_only(worker_from_env, "the migration worker: WORKER_TRANSPORT, WORKER_COMMAND, SSH_*"),
-        "legacy_db": env_only(lambda: database_from_env("LEGACY_DB_URL"), "the legacy clinical DB: LEGACY_DB_URL"),
-        "clinical_db": env_only(lambda: database_from_env("CLINICAL_DB_URL"), "the clinical target: CLINICAL_DB_URL"),
+        "worker": WORKER,
+        "legacy_db": LEGACY_DB,
+        "clinical_db": CLINICAL_DB,
         "state_db": STATE_DB,
         "policy": POLICY,
     }

@@ -287,17 +287,25 @@ class WorkerResource(ConfigurableResource):
             )
         return [result for result in reported if isinstance(result, AssetCheckResult)]
 
-    def list_sistemas(self, secrets: Mapping[str, Any], timeout_seconds: float = 120) -> list[str]:
-        """The active sistemas of the legacy DB, asked of the worker (Dagster may not reach that DB)."""
+    def run_json(self, argv: Sequence[str], secrets: Mapping[str, Any], timeout_seconds: float = 600) -> dict[str, Any]:
+        """Run ``clinic-migrate <argv>`` (a command that prints its result as one JSON object line, not
+        Pipes) with ``secrets`` on stdin; that object, or a categorized failure."""
         with self.host() as start:
-            process = start([*self.command_argv, "sistemas"], json.dumps(dict(secrets)).encode())
+            process = start([*self.command_argv, *argv], json.dumps(dict(secrets)).encode())
             out: list[str] = []
             err: list[str] = []
             for stream, line in stream_lines(process, timeout_seconds, self.kill_grace_seconds):
                 (out if stream == "stdout" else err).append(line)
             code = process.wait()
             raise_for_exit(code, err, connection_lost=process.connection_lost())
-        for line in out:
-            if line.startswith('{"sistemas"'):
-                return list(json.loads(line)["sistemas"])
-        raise MigrationError(Category.SCRIPT_ERROR, "the worker printed no list of sistemas")
+        for line in reversed(out):
+            if line.startswith("{"):
+                return dict(json.loads(line))
+        raise MigrationError(Category.SCRIPT_ERROR, f"the worker printed no result for {argv[0] if argv else 'it'}")
+
+    def list_sistemas(self, secrets: Mapping[str, Any], timeout_seconds: float = 120) -> list[str]:
+        """The active sistemas of the legacy DB, asked of the worker (Dagster may not reach that DB)."""
+        said = self.run_json(["sistemas"], secrets, timeout_seconds)
+        if "sistemas" not in said:
+            raise MigrationError(Category.SCRIPT_ERROR, "the worker printed no list of sistemas")
+        return list(said["sistemas"])

@@ -20,6 +20,9 @@ from demo import databases
 from demo.databases import throwaway_database
 from demo.sshd import SSHServer, running_sshd, sshd_available
 
+from .mail import Mailbox, start_mailbox
+from .ports import free_port
+
 MARIADB_ADMIN = os.getenv("TEST_MARIADB_URL", databases.MARIADB_ADMIN)
 POSTGRES_ADMIN = os.getenv("TEST_POSTGRES_URL", databases.POSTGRES_ADMIN)
 WORKER_COMMAND = str(Path(sys.executable).with_name("clinic-migrate"))
@@ -86,3 +89,12 @@ def firestore_project(firestore_emulator: str) -> Iterator[str]:
     project = f"test-{uuid.uuid4().hex[:8]}"
     yield project
     clear_documents(firestore_emulator, project)
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[Mailbox]:
+    """A real SMTP server (aiosmtpd) on a free loopback port, requiring a login: where alerts go."""
+    mailbox = Mailbox(free_port())
+    controller = start_mailbox(mailbox)
+    yield mailbox
+    controller.stop()

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ from demo.sshd import SSHServer
 from worker import schema
 
 from .conftest import MARIADB_ADMIN, POSTGRES_ADMIN, WORKER_COMMAND, unavailable
+from .ports import free_port
 
 PROJECT = Path(__file__).resolve().parent.parent
 FAKE_WORKERS = Path(__file__).resolve().parent / "fake_workers"
@@ -49,12 +49,6 @@ BIN = Path(sys.executable).parent
 SISTEMAS = ("HSJ", "CLN01", "SUR_2")
 WORKER_DELAY_SECONDS = 3
 FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def plain_postgres_url(url: str) -> str:

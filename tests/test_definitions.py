@@ -149,3 +149,58 @@ def test_production_instance_runs_on_postgres_with_the_run_queue_limits(
         limits = {limit["key"]: (limit["limit"], limit.get("value")) for limit in queue.tag_concurrency_limits}
         assert limits["migration/kind"] == (2, "migration")
         assert limits["dagster/partition"][0] == 1 and limits["migration/usuario"][0] == 1
+
+
+def test_the_whole_graph_is_pinned_and_each_domain_owns_its_part() -> None:
+    """The full set of assets, checks, jobs, sensors and schedules (a change to it is a change to this
+    test); each domain's own Definitions hold its part, and definitions.py only merges them."""
+    from migration_assets.app import definitions as app
+    from migration_assets.clinical import definitions as clinical
+    from migration_assets.definitions import defs
+    from migration_assets.operations import definitions as operations
+    from migration_assets.registry import names
+
+    repository = defs.get_repository_def()
+    graph = repository.asset_graph
+    clinical_tables, app_tables = (
+        ("atenciones", "pacientes"),
+        ("auth_user", "list_cutter_savedfile", "list_cutter_savedfilter"),
+    )
+    legacy = [f"legacy/clinical_mariadb/{t}" for t in clinical_tables] + [
+        f"legacy/listcutter_postgres/{t}" for t in app_tables
+    ]
+    assert sorted(k.to_user_string() for k in graph.get_all_asset_keys()) == sorted(
+        ["coverage_report", *names(), *legacy]
+    )
+    assert sorted(k.to_user_string() for k in graph.asset_check_keys) == sorted(
+        f"{entity}:{check}" for entity in names() for check in ("coverage", "integrity", "expectations")
+    )
+    assert sorted(j.name for j in repository.get_all_jobs() if j.name != "__ASSET_JOB") == [
+        "app_checks_job", "app_migration_job", "clinical_checks_job", "clinical_migration_job", "retention_job",
+        "rollback_job",
+    ]  # fmt: skip
+    assert sorted(s.name for s in repository.sensor_defs) == [
+        "check_failure_sensor", "health_sensor", "migration_failure_sensor", "sistemas_discovery_sensor",
+    ]  # fmt: skip
+    assert sorted(s.name for s in repository.schedule_defs) == [
+        "app_nightly_sync", "clinical_nightly_sync", "retention_daily",
+    ]  # fmt: skip
+
+    owned = {
+        "clinical": ({"patients", "encounters"}, {"sistemas_discovery_sensor"}, {"clinical_nightly_sync"}),
+        "app": ({"users", "files", "filters"}, set(), {"app_nightly_sync"}),
+        "operations": (
+            {"coverage_report"},
+            {"migration_failure_sensor", "check_failure_sensor", "health_sensor"},
+            {"retention_daily"},
+        ),
+    }
+    for module, name in ((clinical, "clinical"), (app, "app"), (operations, "operations")):
+        part = module.defs
+        assets = {k.to_user_string() for a in part.assets or [] for k in getattr(a, "keys", ())}
+        assert owned[name][0] <= assets, name
+        assert {s.name for s in part.sensors or []} == owned[name][1], name
+        assert {s.name for s in part.schedules or []} == owned[name][2], name
+    source = Path("migration_assets/definitions.py").read_text()
+    assert "Definitions.merge(clinical.defs, app.defs, operations.defs)" in source
+    assert "@asset" not in source and "@sensor" not in source and "@job" not in source

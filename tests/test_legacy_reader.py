@@ -125,9 +125,7 @@ def test_pages_sized_by_memory_hold_every_row_once_in_id_order(mariadb_url: str,
                 " email = REPEAT('e', 255), telefono = REPEAT('5', 40) WHERE id >= 150"
             )
         )
-    monkeypatch.setattr(source, "MIN_PAGE_ROWS", 3)
-    monkeypatch.setattr(source, "MAX_PAGE_ROWS", 60)
-    monkeypatch.setattr(source, "PAGE_BYTES", 6_000)
+    monkeypatch.setattr(source, "MIGRATION_PAGES", source.PageBudget(bytes=6_000, min_rows=3, max_rows=60))
     reader = LegacyReader(engine, "patients", "HSJ", None)
     pages = [frame for frame, _ in reader.pages(-1)]
     read = [int(i) for frame in pages for i in frame["id"]]

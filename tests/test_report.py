@@ -4,6 +4,7 @@ headless browser — Debian's chromium driven by Playwright — with its table r
 nothing fetched from anywhere."""
 
 import json
+import os
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -231,6 +232,29 @@ def test_a_report_built_on_the_previous_one_reads_only_what_changed(instance: Da
         "passed",
         700.0,
     )
+
+
+def test_the_runs_read_in_a_forked_child_give_the_same_report(
+    instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    here = coverage_report.build_report(instance, ENTITIES)  # 4 runs: read in this process
+    monkeypatch.setattr(coverage_report, "PARALLEL_RUNS", 1)
+    parent, read = os.getpid(), coverage_report._read_runs
+
+    def in_the_child_only(*args: Any) -> Any:
+        assert os.getpid() != parent, "the runs were read in this process"
+        return read(*args)
+
+    monkeypatch.setattr(coverage_report, "_read_runs", in_the_child_only)
+    forked = coverage_report.build_report(instance, ENTITIES)
+    assert {**forked, "generated_at": None} == {**here, "generated_at": None}
+    assert rows(forked)["HSJ"]["rows_per_s"] == 900.0
+
+    # a child that dies before it sends anything: the runs are read here instead
+    monkeypatch.setattr(coverage_report, "_read_runs", read)
+    monkeypatch.setattr(coverage_report, "_send_runs", lambda *_: os._exit(3))
+    fallen_back = coverage_report.build_report(instance, ENTITIES)
+    assert {**fallen_back, "generated_at": None} == {**here, "generated_at": None}
 
 
 def test_make_report_writes_both_files_for_the_registry(

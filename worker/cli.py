@@ -4,25 +4,33 @@ Parameters arrive as argv; secrets (database URLs) and the Dagster Pipes bootstr
 JSON object on stdin, so no password ever shows in ``ps`` or a shell history. Results go back as
 Pipes messages on stdout; everything else it prints is redacted first. ``verify`` compares one
 partition's source, target and quarantine (worker/verify_clinical.py) and reports the ``coverage``
-and ``integrity`` checks as asset-check results (one JSON line each when run by hand).
+and ``integrity`` checks as asset-check results (one JSON line each when run by hand). ``health`` prints
+one JSON line: this worker's version and whether each database answers a ``SELECT 1`` from this host.
 
-Exit codes: 0 done, 2 bad parameters or a refused run (e.g. a mass delete), 3 a database could not
-be reached or the lock's session was lost, 1 anything else.
+Exit codes: 0 done (``health``: whenever it could report, whatever it found), 2 bad parameters or a refused
+run (e.g. a mass delete), 3 a database could not be reached or the lock's session was lost, 1 anything else.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
+import math
+import os
 import signal
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import Any
 
 from dagster_pipes import PipesContext, PipesMappingParamsLoader, open_dagster_pipes
 from sqlalchemy import select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.pool import NullPool
 
 from worker import schema
 from worker.counts import count_clinical_partition
@@ -38,8 +46,12 @@ from worker.params import (
     validate,
 )
 from worker.redact import redact
+from worker.rollback import add_parser as add_rollback_parser
+from worker.rollback import run_cli as run_rollback
 from worker.verify import CHECKS, DEFAULT_MIN_COVERAGE, Outcome
 
+DISTRIBUTION = "migration-platform"  # this project's name in pyproject.toml
+HEALTH_DATABASES = {"legacy_db": "legacy_db_url", "target_db": "target_db_url", "state_db": "state_db_url"}
 EXIT_OK, EXIT_FAILED, EXIT_BAD_PARAMETERS, EXIT_UNREACHABLE = 0, 1, 2, 3
 EXIT_CODES = {SCRIPT_ERROR: EXIT_FAILED, VALIDATION_ERROR: EXIT_BAD_PARAMETERS, CONNECTION_ERROR: EXIT_UNREACHABLE}
 
@@ -114,6 +126,9 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated, of {', '.join(CHECKS)}")
     verify.add_argument("--min-coverage", type=float, default=DEFAULT_MIN_COVERAGE)
     commands.add_parser("sistemas", help="print the codes of the active sistemas as JSON")
+    health = commands.add_parser("health", help="print this worker's version and whether each database answers")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds to connect to each database")
+    add_rollback_parser(commands)
     return parser
 
 
@@ -204,6 +219,77 @@ def _sistemas(secrets: dict[str, Any]) -> int:
     return EXIT_OK
 
 
+def worker_version() -> str:
+    """The installed version of this project's distribution (``unknown`` when it is not installed)."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _database_category(problem: BaseException) -> str:
+    """A failed connection or ``SELECT 1`` as its §8 category: the server refused the credentials, did
+    not answer in time, or could not be reached (a closed port, a missing database, a dropped link)."""
+    if isinstance(problem, (ArgumentError, NoSuchModuleError, ValueError)):
+        return VALIDATION_ERROR
+    said = str(getattr(problem, "orig", None) or problem).lower()
+    if any(words in said for words in ("password authentication failed", "access denied", "authentication")):
+        return "AUTHENTICATION_ERROR"
+    if any(words in said for words in ("timeout expired", "timed out", "timeout")):
+        return "TIMEOUT_ERROR"
+    return CONNECTION_ERROR
+
+
+def probe_database(url: str, timeout_seconds: float = 5.0) -> dict[str, Any]:
+    """Connect to ``url`` (within ``timeout_seconds``) and run ``SELECT 1``. Never raises: returns
+    ``{"ok", "error" ("<CATEGORY>: <short redacted message>" or None), "latency_ms"}``. A SQLite file that
+    does not exist is an error, not created."""
+    started = time.monotonic()
+    try:
+        parsed = make_url(url)
+        backend = parsed.get_backend_name()
+        connect_args: dict[str, Any] = {}
+        if backend == "postgresql":  # libpq: whole seconds, at least 2
+            connect_args["connect_timeout"] = max(2, math.ceil(timeout_seconds))
+        elif backend in ("mysql", "mariadb"):
+            connect_args |= {"connect_timeout": max(1, math.ceil(timeout_seconds)), "read_timeout": timeout_seconds}
+        elif backend == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            path = str(parsed.database).removeprefix("file:").split("?", 1)[0]
+            if not os.path.isfile(path):
+                raise FileNotFoundError("the SQLite database file does not exist")
+        engine = schema.make_engine(url, poolclass=NullPool, connect_args=connect_args)
+        try:
+            with engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1").scalar()
+        finally:
+            engine.dispose()
+    except Exception as problem:
+        category = CONNECTION_ERROR if isinstance(problem, FileNotFoundError) else _database_category(problem)
+        if category == VALIDATION_ERROR:
+            problem = f"not a usable database URL ({type(problem).__name__})"  # the URL itself is never shown
+        return {"ok": False, "error": failure_line(category, problem)[:300], "latency_ms": _elapsed_ms(started)}
+    return {"ok": True, "error": None, "latency_ms": _elapsed_ms(started)}
+
+
+def _elapsed_ms(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 1)
+
+
+def _health(args: argparse.Namespace, secrets: dict[str, Any]) -> int:
+    """One JSON line: the worker's version and each database's ``probe_database`` (checked at once)."""
+    if not args.timeout > 0:
+        raise InvalidParameters("timeout must be a positive number of seconds")
+    report: dict[str, Any] = {"worker_version": worker_version()}
+    given = {name: secrets.get(key) for name, key in HEALTH_DATABASES.items()}
+    with ThreadPoolExecutor(max_workers=len(given)) as pool:
+        probes = {name: pool.submit(probe_database, url, args.timeout) for name, url in given.items() if url}
+    for name, key in HEALTH_DATABASES.items():
+        missing = {"ok": False, "error": f"{VALIDATION_ERROR}: stdin JSON lacks {key}", "latency_ms": None}
+        report[name] = probes[name].result() if name in probes else missing
+    print(json.dumps(report), flush=True)
+    return EXIT_OK
+
+
 def _report(category: str, problem: BaseException | str) -> None:
     """One short, redacted line on stderr: the category the Dagster side reads, then what happened."""
     print(failure_line(category, problem), file=sys.stderr, flush=True)
@@ -233,8 +319,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if args.command == "sistemas":
                 return _sistemas(secrets)
+            if args.command == "health":
+                return _health(args, secrets)
             if args.command == "verify":
                 return _verify(args, secrets, reporter)
+            if args.command == "rollback":  # worker/rollback.py: the plan or the result, one JSON line
+                return run_rollback(args, secrets, lambda line: print(json.dumps(line, sort_keys=True), flush=True))
             return _migrate(args, secrets, reporter)
         except Exception as problem:
             category = category_of(problem)

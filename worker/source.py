@@ -177,24 +177,45 @@ def _connectorx_url(engine: Engine) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class PageBudget:
+    """How pages are sized by memory: about ``bytes`` of rows like the last page's, within
+    ``min_rows`` … ``max_rows``. The migration's (``MIGRATION_PAGES``) is small: it pays a page's
+    round trips to the target while the next is read; a verification's, larger (fewer queries)."""
+
+    bytes: int = PAGE_BYTES
+    min_rows: int = MIN_PAGE_ROWS
+    max_rows: int = MAX_PAGE_ROWS
+
+    def next_rows(self, frame: pl.DataFrame) -> int:
+        """Rows of the next page: about ``bytes`` of rows like ``frame``'s."""
+        if frame.height == 0:
+            return self.min_rows
+        per_row = max(1.0, frame.estimated_size() / frame.height)
+        return max(self.min_rows, min(self.max_rows, int(self.bytes / per_row)))
+
+
+MIGRATION_PAGES = PageBudget()
+
+
 def next_page_rows(frame: pl.DataFrame) -> int:
-    """Rows of the next page sized by memory: about ``PAGE_BYTES`` of rows like ``frame``'s."""
-    if frame.height == 0:
-        return MIN_PAGE_ROWS
-    per_row = max(1.0, frame.estimated_size() / frame.height)
-    return max(MIN_PAGE_ROWS, min(MAX_PAGE_ROWS, int(PAGE_BYTES / per_row)))
+    """Rows of the migration's next page sized by memory: about ``PAGE_BYTES`` of rows like ``frame``'s."""
+    return MIGRATION_PAGES.next_rows(frame)
 
 
 class LegacyReader:
     """Pages of one entity of one sistema: ``WHERE sistema = … AND id > … ORDER BY id LIMIT n``;
-    ``page`` rows each, or (None) as many as :func:`next_page_rows` makes of the page before."""
+    ``page`` rows each, or (None) as many as ``budget`` makes of the page before."""
 
-    def __init__(self, engine: Engine, entity: str, sistema: str, page: int | None) -> None:
+    def __init__(
+        self, engine: Engine, entity: str, sistema: str, page: int | None, budget: PageBudget | None = None
+    ) -> None:
         self.engine = engine
         self.columns = COLUMNS[entity]
         self.sistema = sistema
         self.sized_by_memory = page is None
-        self.page = MIN_PAGE_ROWS if page is None else page
+        self.budget = budget or MIGRATION_PAGES
+        self.page = self.budget.min_rows if page is None else page
         self.url = _connectorx_url(engine)
         self.changed_index: str | None = None  # see :meth:`_plan_incremental`
         self.by_driver = self.url is None  # read through SQLAlchemy, not connectorx (see :meth:`_plan_incremental`)
@@ -278,7 +299,7 @@ class LegacyReader:
                         break
                     last, full = int(frame["id"][-1]), frame.height == self.page
                     if self.sized_by_memory:
-                        self.page = next_page_rows(frame)
+                        self.page = self.budget.next_rows(frame)
                     if prepare is None:
                         ahead.put((frame, None))
                     else:  # the page's ids are all the consumer needs of it besides what ``prepare`` made

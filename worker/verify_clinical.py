@@ -39,10 +39,13 @@ from sqlalchemy import Connection, Engine, and_, select, tuple_
 from worker import batch, engine, rules, schema
 from worker.counts import quarantine_frames
 from worker.params import ENTITIES, InvalidParameters, sistema_problem
-from worker.source import LegacyReader
+from worker.source import LegacyReader, PageBudget
 from worker.verify import Report, compare_frames
 
-PAGE_ROWS = 20_000  # target and quarantine rows per keyset page
+# Pages of source and target sized by memory, larger than the migration's: a verification writes
+# nothing, so its page costs are a query each, and fewer, larger pages keep the CPU on the rows
+# (~50,000 narrow rows a page; wide ones, long notes, fewer). Memory: a few pages a stream.
+VERIFY_PAGES = PageBudget(bytes=2_700_000, max_rows=30_000)
 NO_PATIENTS = pl.DataFrame(schema={"legacy_id": pl.Int64, "id": pl.Int64})
 DANGLING_PATIENT = "dangling:patient"
 _T = TypeVar("_T")
@@ -150,7 +153,7 @@ class ClaimedDocuments:
         the one before): a passing row whose national id a passing row before it claimed loses —
         §6: the lowest legacy id of a document in the sistema is the one migrated."""
         passing = ruled[batch.REASON].is_null()
-        documents = ruled.filter(passing)["national_id"]
+        documents = ruled["national_id"].filter(passing)
         if documents.len() == 0:
             return ruled
         high, low = self.hashes(documents)
@@ -180,8 +183,8 @@ def source_frames(
 ) -> Iterator[pl.DataFrame]:
     """The source stream, a page at a time (``verify.SOURCE_SCHEMA``): every eligible legacy row after
     §6, in id order — its ``digest``, or the ``reason`` §6 quarantines it for. ``page``: rows per
-    page (None: sized by memory, as the migration's)."""
-    reader = LegacyReader(legacy, entity, sistema, page)
+    page (None: sized by memory, ``VERIFY_PAGES``)."""
+    reader = LegacyReader(legacy, entity, sistema, page, VERIFY_PAGES)
     claims = ClaimedDocuments() if entity == "patients" else None
 
     def decide(rows: pl.DataFrame, lookups: Connection | None) -> pl.DataFrame:
@@ -284,15 +287,17 @@ def _generic_page(conn: Connection, query: Any, types: dict[str, Any]) -> pl.Dat
     return pl.DataFrame(rows, schema=types, orient="row")
 
 
-def target_frames(entity: str, sistema: str, target: Engine, rows: int = PAGE_ROWS) -> Iterator[pl.DataFrame]:
+def target_frames(entity: str, sistema: str, target: Engine, page: int | None = None) -> Iterator[pl.DataFrame]:
     """The target stream, a page at a time (``verify.TARGET_SCHEMA``): every stored row of the
     partition by legacy id, its ``digest`` recomputed from its stored fields; an encounter whose
-    patient is not in the target has no digest and the problem ``dangling:patient``."""
+    patient is not in the target has no digest and the problem ``dangling:patient``. ``page``: rows
+    per page (None: sized by memory, ``VERIFY_PAGES``)."""
     types = TARGET_TYPES[entity]
     if not schema.has_table(target, schema.TARGETS[entity]):
         return
     fetch = _postgres_page if target.dialect.name == "postgresql" else _generic_page
     after: tuple[int, int] | None = None
+    rows = page or VERIFY_PAGES.min_rows
     with target.connect() as conn:
         while True:
             frame = fetch(conn, _target_query(entity, sistema, after, rows), types)
@@ -310,6 +315,7 @@ def target_frames(entity: str, sistema: str, target: Engine, rows: int = PAGE_RO
             yield frame.select(pl.col("legacy_id").alias("key"), digest.alias("digest"), problems.alias("problems"))
             if frame.height < rows:
                 return
+            rows = page or VERIFY_PAGES.next_rows(frame)
 
 
 # --- the quarantine ----------------------------------------------------------------------------
