@@ -6,12 +6,14 @@ Used by the integration tests and the benchmarks to exercise the real SSH path o
 from __future__ import annotations
 
 import getpass
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,19 +86,8 @@ def running_sshd(home: Path) -> Iterator[SSHServer]:
     }
     config.write_text("".join(f"{key} {value}\n" for key, value in settings.items()))
     Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory
-    log = home / "sshd.log"
-    with log.open("w") as log_file:
-        process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=log_file)
+    process = _start(home, port)
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"sshd did not start: {log.read_text()}") from None
-                time.sleep(0.1)
         kind, key = Path(f"{host_key}.pub").read_text().split()[:2]
         known_hosts = home / "known_hosts"
         known_hosts.write_text(f"[127.0.0.1]:{port} {kind} {key}\n")
@@ -104,3 +95,46 @@ def running_sshd(home: Path) -> Iterator[SSHServer]:
     finally:
         process.terminate()
         process.wait(timeout=10)
+        _stop_restarted(home, process.pid)
+
+
+def _start(home: Path, port: int) -> subprocess.Popen[bytes]:
+    """sshd on ``home``'s config, once it accepts connections on ``port``."""
+    log = home / "sshd.log"
+    with log.open("a") as log_file:
+        process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(home / "sshd_config")], stderr=log_file)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return process
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"sshd did not start: {log.read_text()}") from None
+            time.sleep(0.1)
+
+
+def stop(server: SSHServer) -> None:
+    """Stop ``server`` as a host going down does: its listener and every session it serves (their
+    connections drop; the commands they started are left to notice)."""
+    import psutil  # the tests' dependency; the demo never stops its sshd
+
+    master = psutil.Process(int((server.home / "sshd.pid").read_text()))
+    sessions = [child for child in master.children(recursive=True) if child.name().startswith("sshd")]
+    for process in (master, *sessions):
+        process.kill()
+    psutil.wait_procs([master, *sessions], timeout=10)
+
+
+def restart(server: SSHServer) -> None:
+    """Start ``server`` again after :func:`stop`: the same port, host key and users."""
+    _start(server.home, server.port)
+
+
+def _stop_restarted(home: Path, first: int) -> None:
+    """An sshd :func:`restart` started (its pid is in the pid file) goes when the server's context ends."""
+    with suppress(OSError, ValueError):
+        pid = int((home / "sshd.pid").read_text())
+        if pid != first:
+            os.kill(pid, signal.SIGTERM)

@@ -427,3 +427,60 @@ def test_a_component_not_checked_changes_nothing_and_keeps_its_state() -> None:
     assert state == {"ssh": False, "legacy_db": False}
     down, recovered = transitions(state, report(ssh=True, legacy_db=False))  # still the same legacy_db outage
     assert (down, names(recovered)) == ([], ["ssh"])
+
+
+# --- the health sensor: one alert per outage, one on recovery ---------------------------------------
+
+
+@integration
+def test_the_health_sensor_alerts_each_outage_once_and_each_recovery_once(
+    services: Services, tmp_path: Path, httpserver: Any
+) -> None:
+    from dagster import build_sensor_context
+
+    from migration_assets.operations.sensors import health_sensor, health_tick
+    from resources.alerts import AlertResource
+
+    httpserver.expect_request("/hook", method="POST").respond_with_data("ok")
+    alerts = AlertResource(webhook_url=httpserver.url_for("/hook"), state_db_url=f"sqlite:///{tmp_path / 's.db'}")
+
+    def sent() -> list[tuple[str, str]]:
+        return [(a["type"], a["entity"]) for a in (json.loads(r.get_data()) for r, _ in httpserver.log)]
+
+    def tick(cursor: str | None, **down: Any) -> str | None:
+        return health_tick(cursor, check(services, **down), alerts).cursor
+
+    cursor = tick(None)
+    assert sent() == []  # all up: nothing to say
+    closed = f"127.0.0.1:{closed_port()}"
+    takedowns = {  # each dependency taken down in turn
+        "clinical_db": {"clinical_db": DatabaseResource(url=url_with(services.clinical_url, port=closed_port()))},
+        "django_db": {"django_db": DatabaseResource(url=url_with(services.django_url, port=closed_port()))},
+        "firestore": {"firestore": FirestoreResource(project="health-probe", emulator_host=closed)},
+        "blob_store": {"blob_store": str(tmp_path / "a-file" / "blobs")},
+        "ssh": {"ssh": ssh_resource(services.sshd, port=closed_port())},
+    }
+    (tmp_path / "a-file").write_text("not a folder")
+    expected: list[tuple[str, str]] = []
+    for name, down in takedowns.items():
+        before = cursor
+        cursor = tick(cursor, **down)
+        expected.append(("HEALTH_DOWN", name))
+        assert sent() == expected, name
+        cursor = tick(cursor, **down)  # still down: nothing more
+        tick(before, **down)  # the same tick again after a crash (its cursor not saved): nothing more
+        assert sent() == expected, name
+        cursor = tick(cursor)
+        expected.append(("HEALTH_RECOVERED", name))
+        assert sent() == expected, name
+    # a second outage of the same component is a new alert
+    cursor = tick(cursor, **takedowns["firestore"])
+    assert sent()[-1] == ("HEALTH_DOWN", "firestore") and len(sent()) == len(expected) + 1
+
+    # the sensor itself, without its settings: a skip that names them, no alert, no exception
+    with pytest.MonkeyPatch.context() as patch:
+        for name in CONFIG_VARIABLES:
+            patch.delenv(name, raising=False)
+        result = health_sensor(build_sensor_context(cursor=cursor), alerts=alerts)
+    assert result.skip_reason is not None and "not configured" in str(result.skip_reason.skip_message)
+    assert result.cursor == cursor

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 import uuid
 from collections import Counter
@@ -48,6 +49,7 @@ from worker import schema
 
 from .conftest import MARIADB_ADMIN, POSTGRES_ADMIN, WORKER_COMMAND, unavailable
 from .dagster_services import (  # noqa: F401  (the fixtures)
+    WORKER_DELAY_SECONDS,
     DagsterServices,
     dagster_services_fixture,
     show_service_logs_on_failure_fixture,
@@ -633,3 +635,93 @@ def test_runs_and_their_events_are_stored_in_the_postgres_of_dagster_pg_url(dags
             assert by_run[run_id].get(DagsterEventType.ASSET_MATERIALIZATION.value, 0) >= 1, by_run[run_id]
     succeeded = {s.run(r).tags["dagster/partition"] for r in SEEN_RUNS if s.run(r).status == DagsterRunStatus.SUCCESS}
     assert succeeded <= s.instance.get_materialized_partitions(AssetKey("patients"))
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 10 item 5: retries and timeouts, through the queue and the daemon
+
+
+def retried_with(instance: DagsterInstance, run_id: str) -> list[str]:
+    """Each STEP_UP_FOR_RETRY of the run: the messages of its error and the errors behind it (the
+    retry policy's request, then the failure that made it)."""
+    out = []
+    for record in events(instance, run_id, DagsterEventType.STEP_UP_FOR_RETRY):
+        data = record.dagster_event.event_specific_data
+        error, messages = (data.error if data is not None else None), []
+        while error is not None:
+            messages.append(error.message.strip())
+            error = error.cause or error.context
+        out.append(" | ".join(messages))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_sshd_stopped_mid_run_and_restarted_the_run_succeeds_on_a_retry(dagster_services: DagsterServices) -> None:
+    from demo.sshd import restart, stop
+
+    s = dagster_services
+    add_partition(s, "FAKE_FLAKY")  # no legacy rows: the retry's real worker migrates 0 of them
+    run_id = launched(s.launch_asset_run("patients", "FAKE_FLAKY", "flaky.sshd"), "sshd restart")
+    deadline = time.monotonic() + 90
+    while not (s.markers / "ready.flaky.sshd").exists():
+        assert time.monotonic() < deadline, f"the worker never got ready\n{s.describe(run_id)}"
+        time.sleep(0.1)
+    first = int((s.markers / "pid.flaky.sshd").read_text())
+    stop(s.sshd)  # the legacy host's sshd goes down mid-run: the session drops
+    try:
+        time.sleep(1)
+    finally:
+        restart(s.sshd)
+    os.kill(first, signal.SIGKILL)  # the orphaned fake worker (a real one ends at its session's end)
+    (run,) = s.wait_for_runs([run_id], timeout=120)
+    assert run.status == DagsterRunStatus.SUCCESS, s.describe(run_id)
+    retried = retried_with(s.instance, run_id)  # the lost connection, then one retry that succeeded
+    assert len(retried) == 1 and "WORKER_KILLED" in retried[0], retried
+    assert step_failures(s.instance, run_id) == []
+    assert len(s.calls_by("flaky.sshd")) == 2
+
+
+def test_a_changed_host_key_fails_at_once_without_a_retry(dagster_services: DagsterServices, tmp_path: Path) -> None:
+    s = dagster_services
+    add_partition(s, "FAKE_HOSTKEY")
+    known_hosts = Path(s.sshd.known_hosts)
+    original = known_hosts.read_text()
+    other = tmp_path / "other_host_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    kind, key = Path(f"{other}.pub").read_text().split()[:2]
+    known_hosts.write_text(f"[127.0.0.1]:{s.sshd.port} {kind} {key}\n")  # the host now presents another key
+    try:
+        run_id = launched(s.launch_asset_run("patients", "FAKE_HOSTKEY", "hostkey.check"), "changed host key")
+        (run,) = s.wait_for_runs([run_id], timeout=90)
+    finally:
+        known_hosts.write_text(original)
+    assert run.status == DagsterRunStatus.FAILURE
+    assert [c for _, _, c in step_failures(s.instance, run_id)] == ["SSH_HOST_KEY_ERROR"]
+    assert not events(s.instance, run_id, DagsterEventType.STEP_UP_FOR_RETRY)
+    assert s.calls_by("hostkey.check") == []  # nothing ran on the host
+
+
+def test_a_migrate_past_its_timeout_is_terminated_as_timeout_error_and_leaves_no_process(
+    dagster_services: DagsterServices,
+) -> None:
+    s = dagster_services
+    add_partition(s, "FAKE_SLOW")
+    answer = s.launch_asset_run("patients", "FAKE_SLOW", "victim.slow", timeout_seconds=WORKER_DELAY_SECONDS + 4)
+    run_id = launched(answer, "timeout")
+    (run,) = s.wait_for_runs([run_id], timeout=180)
+    assert run.status == DagsterRunStatus.FAILURE
+    (failure,) = step_failures(s.instance, run_id)  # the last attempt's; the others were retried
+    assert failure[2] == "TIMEOUT_ERROR" and "did not finish in time and was stopped" in failure[1], failure
+    retried = retried_with(s.instance, run_id)
+    assert len(retried) == 2 and all("TIMEOUT_ERROR" in message for message in retried), retried
+    pids = [int(line) for line in (s.markers / "pids.victim.slow").read_text().split()]
+    assert len(pids) == 3  # three attempts, each a worker started and stopped
+    time.sleep(1)
+    assert [pid for pid in pids if _alive(pid)] == []  # no worker left on the legacy host
