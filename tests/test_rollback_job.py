@@ -253,3 +253,31 @@ def test_a_failed_integrity_check_on_files_is_alerted_and_its_run_rolled_back_do
     restored = _documents(app, shard)
     assert restored == documents and _blobs(app.blob_root) == blobs
     assert [a["type"] for a in alerts_posted(httpserver)] == ["CHECK_FAILED", "ROLLBACK_DONE"]
+
+
+def test_a_run_of_patients_and_encounters_is_undone_encounters_first(
+    environment: None, instance: DagsterInstance, mariadb_url: str, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One run wrote both entities (a clinical_migration_job run): rolling back its patients undoes its
+    encounters first — by hand as a dry run (nothing written, both listed), then confirmed."""
+    monkeypatch.setenv("CLINICAL_DB_URL", postgres_url)
+    monkeypatch.setenv("STATE_DB_URL", postgres_url)
+    legacy, target = schema.make_engine(mariadb_url), schema.make_engine(postgres_url)
+    generate(legacy, patients_per_sistema=30, encounters_per_patient=2, sistemas=(SISTEMA,), seed=7)
+    for entity in ("patients", "encounters"):
+        Migration(RunParameters(entity=entity, sistema=SISTEMA, usuario="ana", run_id="run-x"), legacy, target).run()
+    patients, encounters = _rows(target, schema.patients), _rows(target, schema.encounters)
+    assert patients and encounters
+    config = {"ops": {"choose_rollback": {"config": {"entity": "patients", "partition": SISTEMA}}}}
+
+    dry = rollback(config, instance)
+    assert dry.success
+    (output,) = [e for e in dry.all_events if e.event_type_value == "STEP_OUTPUT" and e.step_key == "rollback_clinical"]
+    said = {k: v.value for k, v in output.step_output_data.metadata.items()}
+    assert said["dry_run"] is True and said["encounters"]["run_id"] == said["patients"]["run_id"] == "run-x"
+    assert said["patients"]["after"] == ["encounters"]
+    assert _rows(target, schema.patients) == patients and _rows(target, schema.encounters) == encounters
+
+    done = rollback(config, instance, confirm=True)
+    assert done.success
+    assert _rows(target, schema.patients) == [] and _rows(target, schema.encounters) == []

@@ -111,8 +111,11 @@ def choose_rollback(
 
 
 def _plans(target: Target, state: Any) -> list[Any]:
-    """The plan of each entity the run wrote (a child it did not write is left out); a refusal raises."""
-    plans = []
+    """The plan of each entity the run wrote, children first (a child it did not write is left out).
+    A parent's plan is refused while its children's part of the same run stands; this job undoes
+    that part first, so such a refusal is not one here. Any other refusal raises before anything is
+    written."""
+    plans, ours = [], set()
     for name in target.entities:
         try:
             plan = plan_rollback(state, name, target.partition, target.run_id)
@@ -120,9 +123,10 @@ def _plans(target: Target, state: Any) -> list[Any]:
             if name == target.entities[-1]:
                 raise
             continue  # a child entity this run never ran
-        if plan.refusal:
+        if plan.refusal and not set(plan.blocking_runs) <= ours:
             raise RollbackRefused(plan.refusal)
         plans.append(plan)
+        ours.add(f"{name}:{target.run_id}")
     return plans
 
 
@@ -148,7 +152,11 @@ def _undo(context: OpExecutionContext, target: Target, alerts: AlertResource, ap
     done: dict[str, dict[str, Any]] = {}
     try:
         for plan in _plans(target, state):
-            said = plan.summary() if not target.confirm else apply(plan)
+            if target.confirm:  # planned again now: its children's part is undone by now
+                said = apply(plan_rollback(state, plan.entity, target.partition, target.run_id))
+            else:
+                after = [b.split(":")[0] for b in plan.blocking_runs]
+                said = {**plan.summary(), "refusal": None} | ({"after": after} if after else {})
             done[plan.entity] = said
             verb = "would undo" if not target.confirm else "undid"
             context.log.info(f"{plan.entity}/{target.partition}: {verb} run {target.run_id}: {said}")
