@@ -12,6 +12,7 @@ from typing import Literal
 from dagster import AssetKey, PartitionsDefinition
 
 from migration_assets.partitions import app_shards, sistemas_partitions
+from worker.params import shard_problem, sistema_problem
 
 Group = Literal["clinical", "app"]
 
@@ -43,6 +44,10 @@ class Entity:
     @property
     def target_kind(self) -> str:
         return "postgres" if self.group == "clinical" else "firestore"
+
+    def partition_problem(self, key: object) -> str | None:
+        """Why ``key`` is not one of this entity's partition keys (§8: a sistema, or an app shard), or None."""
+        return sistema_problem(key) if self.group == "clinical" else shard_problem(key)
 
 
 ENTITIES: tuple[Entity, ...] = (

@@ -73,10 +73,14 @@ class Status(StrEnum):
     OFF = "off"  # channel not configured
 
 
+def webserver_url() -> str:
+    """The Dagster UI's address, for links in alerts: ``DAGSTER_WEBSERVER_URL`` or localhost:3000."""
+    return (os.environ.get("DAGSTER_WEBSERVER_URL") or DEFAULT_WEBSERVER_URL).rstrip("/")
+
+
 def run_url(run_id: str, base: str | None = None) -> str:
-    """The run's page in the Dagster UI; ``base`` defaults to ``DAGSTER_WEBSERVER_URL`` or localhost:3000."""
-    base = base or os.environ.get("DAGSTER_WEBSERVER_URL") or DEFAULT_WEBSERVER_URL
-    return f"{base.rstrip('/')}/runs/{quote(run_id, safe='')}"
+    """The run's page in the Dagster UI (``base``: the UI's address, default :func:`webserver_url`)."""
+    return f"{(base or webserver_url()).rstrip('/')}/runs/{quote(run_id, safe='')}"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -27,6 +27,7 @@ from resources.firestore import FirestoreResource
 from resources.ssh import SSHResource
 from resources.worker import WorkerResource
 from tests.conftest import MARIADB_ADMIN, POSTGRES_ADMIN, WORKER_COMMAND, unavailable
+from tests.ports import free_port
 
 integration = pytest.mark.integration
 TIMEOUT = 2.0
@@ -60,12 +61,6 @@ def services(sshd: SSHServer, firestore_emulator: str, tmp_path_factory: pytest.
                 unavailable(f"{admin.split('+')[0]} ({type(problem).__name__})")
         blobs = tmp_path_factory.mktemp("health-blobs")
         yield Services(sshd, urls[0], urls[1], urls[2], firestore_emulator, blobs)
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def ssh_resource(server: SSHServer, **overrides: Any) -> SSHResource:
@@ -197,7 +192,7 @@ def test_local_worker_reports_the_databases(services: Services) -> None:
 def test_database_down(services: Services, name: str, how: str, category: str) -> None:
     url = {"legacy_db": services.legacy_url, "django_db": services.django_url}.get(name, services.clinical_url)
     if how == "closed port":
-        bad = url_with(url, port=closed_port())
+        bad = url_with(url, port=free_port())
     elif how == "wrong password":
         bad = url_with(url)
     else:  # PostgreSQL here trusts loopback: a password is ignored; MariaDB would refuse it first
@@ -226,7 +221,7 @@ def test_database_that_never_answers_times_out(services: Services) -> None:
 
 @integration
 def test_firestore_emulator_closed_port(services: Services) -> None:
-    closed = FirestoreResource(project="health-probe", emulator_host=f"127.0.0.1:{closed_port()}")
+    closed = FirestoreResource(project="health-probe", emulator_host=f"127.0.0.1:{free_port()}")
     report = check(services, firestore=closed)
     assert_states(report, {"firestore": "CONNECTION_ERROR"})
 
@@ -271,7 +266,7 @@ def test_a_check_that_hangs_or_breaks_never_stops_the_others() -> None:
 def test_worker_health_command(services: Services) -> None:
     secrets = {
         "legacy_db_url": services.legacy_url,
-        "target_db_url": url_with(services.clinical_url, port=closed_port()),
+        "target_db_url": url_with(services.clinical_url, port=free_port()),
     }
     done = subprocess.run(
         [WORKER_COMMAND, "health", "--timeout", "2"],
@@ -347,7 +342,7 @@ def test_cli_something_down_exits_1(
 ) -> None:
     for name in CONFIG_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    bad_django = url_with(services.django_url, port=closed_port())
+    bad_django = url_with(services.django_url, port=free_port())
     env = environment(services, WORKER_TRANSPORT="local", SSH_HOST=None, DJANGO_DB_URL=bad_django)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -452,13 +447,13 @@ def test_the_health_sensor_alerts_each_outage_once_and_each_recovery_once(
 
     cursor = tick(None)
     assert sent() == []  # all up: nothing to say
-    closed = f"127.0.0.1:{closed_port()}"
+    closed = f"127.0.0.1:{free_port()}"
     takedowns = {  # each dependency taken down in turn
-        "clinical_db": {"clinical_db": DatabaseResource(url=url_with(services.clinical_url, port=closed_port()))},
-        "django_db": {"django_db": DatabaseResource(url=url_with(services.django_url, port=closed_port()))},
+        "clinical_db": {"clinical_db": DatabaseResource(url=url_with(services.clinical_url, port=free_port()))},
+        "django_db": {"django_db": DatabaseResource(url=url_with(services.django_url, port=free_port()))},
         "firestore": {"firestore": FirestoreResource(project="health-probe", emulator_host=closed)},
         "blob_store": {"blob_store": str(tmp_path / "a-file" / "blobs")},
-        "ssh": {"ssh": ssh_resource(services.sshd, port=closed_port())},
+        "ssh": {"ssh": ssh_resource(services.sshd, port=free_port())},
     }
     (tmp_path / "a-file").write_text("not a folder")
     expected: list[tuple[str, str]] = []

@@ -13,7 +13,6 @@ import hashlib
 import importlib
 import io
 import os
-import socket
 import struct
 import threading
 import time
@@ -42,6 +41,7 @@ from resources.media import (
 )
 from resources.ssh import SSHResource
 from tests.conftest import unavailable
+from tests.ports import free_port
 from worker.app_rules import blob_key, unsafe_path_problem
 
 MiB = 1024 * 1024
@@ -187,12 +187,6 @@ def tree(tmp_path: Path) -> Iterator[MediaTree]:
 
 
 # -- sshd (demo/sshd.py: an sftp subsystem, host keys checked against known_hosts) -----------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        return int(listener.getsockname()[1])
 
 
 def ssh_resource(server: SSHServer) -> SSHResource:
@@ -415,7 +409,7 @@ def moto_s3() -> Iterator[dict[str, Any]]:
         from moto.server import ThreadedMotoServer
     except ImportError:
         unavailable("moto[server] (pip install -e '.[dev]')")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     options = {

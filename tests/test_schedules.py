@@ -19,10 +19,11 @@ from dagster import (
 from sqlalchemy import Engine, func, insert, select
 
 from migration_assets.definitions import defs
-from migration_assets.operations.retention import ROLLED_BACK, clean_up, expired_runs
+from migration_assets.operations.retention import clean_up, expired_runs
 from migration_assets.operations.schedules import SYNC_USUARIO, retention_job
 from migration_assets.partitions import APP_SHARDS, sistemas_partitions
 from worker import schema
+from worker.rollback import ROLLED_BACK
 
 warnings.filterwarnings("ignore", category=PreviewWarning)
 NOW = datetime(2026, 12, 3, 4, 30, tzinfo=UTC)

@@ -41,8 +41,7 @@ from resources.blobstore import PARTIAL_PREFIX, BlobStore
 from resources.databases import DatabaseResource
 from resources.errors import Category, MigrationError
 from resources.firestore import FirestoreResource
-from resources.processes import LocalProcess, Process
-from resources.worker import WorkerResource, raise_for_exit, stream_lines
+from resources.worker import WorkerResource
 from worker.cli import probe_database, worker_version
 from worker.redact import redact
 
@@ -173,25 +172,33 @@ def _database_component(name: str, said: Mapping[str, Any], **details: Any) -> C
     return Component(name, False, category, redact(message)[:300], latency, details)
 
 
-def _run_worker(
-    worker: WorkerResource, start: Callable[[], Process], budget: float, found: dict[str, Component]
+# What the SSH connection itself fails with (WorkerResource.host: connect, host key, key): the host's
+# fault; anything after it (the worker missing, failing, timing out) is the worker's.
+SSH_DOWN = frozenset({Category.CONNECTION_ERROR, Category.SSH_HOST_KEY_ERROR, Category.AUTHENTICATION_ERROR})
+
+
+def _check_legacy_host(
+    worker: WorkerResource, secrets: Mapping[str, str], timeout: float, found: dict[str, Component]
 ) -> None:
-    """Run ``clinic-migrate health`` (started by ``start``); record the worker and the databases it saw."""
+    """``ssh``, then ``worker`` (which reports the databases as the legacy host sees them): one run of
+    ``clinic-migrate health`` through the worker's own transport (``WorkerResource.run_json``)."""
+    if worker.transport == "ssh" and worker.ssh is None:
+        found["ssh"] = Component.down("ssh", Category.VALIDATION_ERROR, "WORKER_TRANSPORT=ssh needs the SSH_* settings")
+        return
     started = time.monotonic()
+    budget = 2 * timeout  # the worker's start, then its database checks (at once, each within ``timeout``)
     try:
-        process = start()
-        out: list[str] = []
-        err: list[str] = []
-        for stream, line in stream_lines(process, budget, worker.kill_grace_seconds):
-            (out if stream == "stdout" else err).append(line)
-        code = process.wait()
-        raise_for_exit(code, [redact(line) for line in err[-20:]], connection_lost=process.connection_lost())
-        said = next((json.loads(line) for line in out if line.startswith('{"worker_version"')), None)
-        if not isinstance(said, dict):
+        said = worker.run_json(["health", "--timeout", f"{timeout:g}"], secrets, budget)
+        if "worker_version" not in said:
             raise MigrationError(Category.SCRIPT_ERROR, "the worker printed no health report", ours=True)
     except Exception as problem:
+        if worker.transport == "ssh" and getattr(problem, "category", None) in SSH_DOWN:
+            found["ssh"] = Component.failed("ssh", problem, started)
+            return
+        found["ssh"] = _host_reached(worker, started)
         found["worker"] = Component.failed("worker", problem, started, transport=worker.transport)
         return
+    found["ssh"] = _host_reached(worker, started)
     found["worker"] = Component.up(
         "worker",
         started,
@@ -203,35 +210,11 @@ def _run_worker(
         found[name] = _database_component(name, said.get(key) or {}, seen_from="worker host")
 
 
-def _check_legacy_host(
-    worker: WorkerResource, secrets: Mapping[str, str], timeout: float, found: dict[str, Component]
-) -> None:
-    """``ssh``, then ``worker`` (which reports the databases as the legacy host sees them)."""
-    argv = [*worker.command_argv, "health", "--timeout", f"{timeout:g}"]
-    stdin = json.dumps(dict(secrets)).encode()
-    budget = 2 * timeout  # the worker's start, then its database checks (at once, each within ``timeout``)
+def _host_reached(worker: WorkerResource, started: float) -> Component:
     if worker.transport == "local":
-        found["ssh"] = Component.skip("ssh", "WORKER_TRANSPORT=local: the worker runs on this host, not over SSH")
-        _run_worker(worker, lambda: LocalProcess(argv, stdin), budget, found)
-        return
-    ssh = worker.ssh
-    if ssh is None:
-        found["ssh"] = Component.down("ssh", Category.VALIDATION_ERROR, "WORKER_TRANSPORT=ssh needs the SSH_* settings")
-        return
-    started = time.monotonic()
-    try:
-        with ssh.connect() as client:
-            found["ssh"] = Component.up("ssh", started, host=ssh.host, port=ssh.port)
-            started = time.monotonic()
-            command = worker.command_argv[0]
-            if not ssh.command_exists(client, command):
-                message = f"{command} is not installed on {ssh.host}"
-                found["worker"] = Component.down("worker", Category.COMMAND_NOT_FOUND, message, started)
-                return
-            _run_worker(worker, lambda: ssh.start(client, argv, stdin), budget, found)
-    except Exception as problem:
-        name = "worker" if "ssh" in found else "ssh"
-        found.setdefault(name, Component.failed(name, problem, started))
+        return Component.skip("ssh", "WORKER_TRANSPORT=local: the worker runs on this host, not over SSH")
+    assert worker.ssh is not None
+    return Component.up("ssh", started, host=worker.ssh.host, port=worker.ssh.port)
 
 
 def _check_database(name: str, database: DatabaseResource, timeout: float, found: dict[str, Component]) -> None:

@@ -21,8 +21,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import Engine, and_, delete, exists, func, select
 
 from worker import schema
-
-ROLLED_BACK = "rolled_back"  # migration.runs.status of a run a rollback undid
+from worker.rollback import ROLLED_BACK
 
 
 @dataclass(frozen=True)

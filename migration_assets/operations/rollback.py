@@ -33,10 +33,9 @@ from resources.databases import DatabaseResource
 from resources.errors import Category, MigrationError
 from resources.firestore import FirestoreResource
 from resources.worker import WorkerResource
-from worker.params import RUN_ID_PATTERN, InvalidParameters, matches, shard_problem, sistema_problem
+from worker.params import RUN_ID_PATTERN, InvalidParameters, matches
 from worker.rollback import RollbackRefused, plan_rollback
 
-GROUP_KEY_PROBLEM = {"clinical": sistema_problem, "app": shard_problem}
 ROLLBACK_TIMEOUT_SECONDS = 3600.0
 
 
@@ -76,7 +75,7 @@ def validated(config: RollbackConfig) -> str:
     if config.entity not in known:
         problems.append(f"entity must be one of {', '.join(known)}")
     else:
-        if problem := GROUP_KEY_PROBLEM[known[config.entity].group](config.partition):
+        if problem := known[config.entity].partition_problem(config.partition):
             problems.append(problem)
     if config.run_id is not None and not matches(RUN_ID_PATTERN, config.run_id):
         problems.append(f"run_id must match ^{RUN_ID_PATTERN.pattern}$")

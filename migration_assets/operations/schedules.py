@@ -32,12 +32,10 @@ from migration_assets.operations.retention import clean_up
 from migration_assets.registry import of_group
 from resources.databases import DatabaseResource
 from resources.policy import MigrationPolicy
-from worker.params import shard_problem, sistema_problem
 
 SYNC_USUARIO = "nightly-sync"  # who the nightly runs are recorded as (migration.runs.usuario)
 SYNC_CRON = {"clinical": "0 2 * * *", "app": "30 2 * * *"}  # UTC
 RETENTION_CRON = "30 4 * * *"  # UTC, after the night's syncs were queued
-KEY_PROBLEM = {"clinical": sistema_problem, "app": shard_problem}
 
 
 def sync_run_config(group: str) -> dict:
@@ -49,9 +47,9 @@ def sync_run_config(group: str) -> dict:
 def sync_requests(group: str, keys: list[str], day: str) -> Iterator[RunRequest]:
     """One run request per valid partition key; the run key names the night, so a tick evaluated twice
     launches nothing twice."""
-    problem = KEY_PROBLEM[group]
+    first = of_group(group)[0]  # the group's entities share their partitions
     for key in keys:
-        if problem(key) is None:
+        if first.partition_problem(key) is None:
             yield RunRequest(run_key=f"{group}-sync-{day}-{key}", partition_key=key, run_config=sync_run_config(group))
 
 

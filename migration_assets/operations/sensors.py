@@ -19,7 +19,6 @@ sent, before its cursor moved, sends nothing twice.
 """
 
 import json
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -46,7 +45,7 @@ from migration_assets.operations.health import (
 )
 from migration_assets.operations.rollback import rollback_job, rollback_request_config
 from migration_assets.registry import ENTITIES
-from resources.alerts import Alert, AlertResource, AlertType
+from resources.alerts import Alert, AlertResource, AlertType, webserver_url
 from resources.policy import MigrationPolicy
 
 PARTITION_TAG = "dagster/partition"
@@ -246,7 +245,7 @@ def check_failure_sensor(
 
 def health_page() -> str:
     """Where a person sees the health sensor's ticks (the UI's automation page)."""
-    return f"{(os.environ.get('DAGSTER_WEBSERVER_URL') or 'http://localhost:3000').rstrip('/')}/automation"
+    return f"{webserver_url()}/automation"
 
 
 def health_tick(cursor: str | None, report: HealthReport, alerts: AlertResource) -> SensorResult:
