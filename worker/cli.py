@@ -181,8 +181,7 @@ def _verify(args: argparse.Namespace, secrets: dict[str, Any], reporter: Reporte
     checks = verify_checks(args)
     _require(secrets, "legacy_db_url", "target_db_url")
     target = schema.make_engine(secrets["target_db_url"])
-    state_url = secrets.get("state_db_url")
-    state = schema.make_engine(state_url) if state_url and state_url != secrets["target_db_url"] else target
+    state = schema.state_engine(secrets, target)
     settings = migration_settings(state, args.entity, args.sistema)
     reporter.log(
         f"verifying {args.entity} of {args.sistema} with the settings of run {settings.run_id}"

@@ -410,8 +410,7 @@ def run_cli(args: Any, secrets: Mapping[str, Any], emit: Callable[[dict[str, Any
     if problems:
         raise InvalidParameters("; ".join(problems))
     target = schema.make_engine(secrets["target_db_url"])
-    state_url = secrets.get("state_db_url")
-    state = schema.make_engine(state_url) if state_url and state_url != secrets["target_db_url"] else target
+    state = schema.state_engine(secrets, target)
     plan = plan_rollback(state, args.entity, args.sistema, args.run_id)
     if not args.confirm:
         emit({"dry_run": True, **plan.summary()})

@@ -7,6 +7,7 @@ On SQLite the ``clinical`` and ``migration`` schemas are mapped onto the one dat
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import (
@@ -246,6 +247,12 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     if engine.dialect.name == "sqlite":
         engine = engine.execution_options(schema_translate_map={"clinical": None, "migration": None})
     return engine
+
+
+def state_engine(secrets: Mapping[str, Any], target: Engine) -> Engine:
+    """The control DB a command was given (``state_db_url``), or ``target`` when it is the same or none."""
+    url = secrets.get("state_db_url")
+    return make_engine(url) if url and url != secrets.get("target_db_url") else target
 
 
 def has_table(bind: Engine, table: Table) -> bool:
