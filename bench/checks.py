@@ -55,6 +55,7 @@ class Timed:
     seconds: float
     rss_mb: float | None = None
     rss_start_mb: float | None = None  # before the check: the interpreter, its libraries, the engines
+    rss_halves_mb: tuple[float, float] | None = None  # the highest RSS in the first and the second half
 
     @property
     def rate(self) -> float:
@@ -62,6 +63,8 @@ class Timed:
 
     def line(self) -> str:
         rss = f"  peak RSS {self.rss_mb:6.1f} MB (at start {self.rss_start_mb:.1f})" if self.rss_mb is not None else ""
+        if self.rss_halves_mb is not None:
+            rss += f", halves {self.rss_halves_mb[0]:.0f} / {self.rss_halves_mb[1]:.0f} MB"
         return f"{self.label:<44} {self.rows:>9} rows {self.seconds:>7.2f} s {self.rate:>9,.0f} rows/s{rss}"
 
 
@@ -77,16 +80,42 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def current_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def child(entity: str, sistema: str) -> None:
-    """``--child``: one ``verify_partition`` (URLs on stdin); one JSON line with its time and peak RSS."""
+    """``--child``: one ``verify_partition`` (URLs on stdin), in a process set up as the worker's
+    (``limit_malloc_arenas``); one JSON line with its time, peak RSS, and the highest RSS of each half
+    of the run (sampled every 20 ms): equal halves mean memory flat over the partition."""
+    import threading
+
+    from worker.cli import limit_malloc_arenas
     from worker.verify_clinical import verify_partition
 
+    limit_malloc_arenas()
     urls = json.loads(sys.stdin.read())
     legacy, target = schema.make_engine(urls["legacy_db_url"]), schema.make_engine(urls["target_db_url"])
     before = peak_rss_mb()
+    samples: list[tuple[float, float]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            samples.append((time.perf_counter(), current_rss_mb()))
+
+    sampler = threading.Thread(target=sample, daemon=True)
     started = time.perf_counter()
+    sampler.start()
     report = verify_partition(entity, sistema, legacy, target, target)
     seconds = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    middle = started + seconds / 2
+    halves = [max((mb for at, mb in samples if (at < middle) == first), default=0.0) for first in (True, False)]
     print(
         json.dumps(
             {
@@ -96,6 +125,7 @@ def child(entity: str, sistema: str) -> None:
                 "failures": report.integrity_failures,
                 "rss_mb": peak_rss_mb(),
                 "rss_before_mb": before,
+                "rss_halves_mb": halves,
             }
         )
     )
@@ -118,6 +148,7 @@ def verify_in_child(label: str, urls: dict[str, str], sistema: str) -> tuple[Tim
         float(result["seconds"]),
         float(result["rss_mb"]),
         float(result["rss_before_mb"]),
+        (float(result["rss_halves_mb"][0]), float(result["rss_halves_mb"][1])),
     )
     return timed, result
 
@@ -262,6 +293,11 @@ def main() -> None:
             f"| {timed.rate:,.0f} | {timed.rss_mb:.0f} MB (at start {timed.rss_start_mb:.0f}) |")  # fmt: skip
     say("")
     say(f"- ratio to the floor: {best.rate / floor_rate:.2f}× (the floor's time / the check's time)")
+    halves = [t.rss_halves_mb for t in checks if t.rss_halves_mb is not None]
+    if halves:
+        growth = max(second - first for first, second in halves)
+        say(f"- memory over the partition: highest RSS of the first / second half of each run "
+            f"{'; '.join(f'{a:.0f} / {b:.0f} MB' for a, b in halves)} (most grown: {growth:+.0f} MB)")  # fmt: skip
     met = "met" if best.rate >= TARGET_ROWS_PER_S else "**not met**"
     say(f"- target: ≥ {TARGET_ROWS_PER_S:,} rows/s end to end: {met} ({best.rate:,.0f} rows/s)")
     say(f"- every measurement: check {', '.join(f'{t.seconds:.2f}' for t in checks)} s; floor "

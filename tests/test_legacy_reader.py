@@ -91,20 +91,42 @@ def test_many_changed_rows_are_read_in_id_order_without_the_index(mariadb_url: s
     assert reader.changed_index is None
 
 
-@pytest.mark.parametrize("sistema_index", [True, False])
-def test_full_pages_are_ranges_of_the_sistema_index_or_the_primary_key(mariadb_url: str, sistema_index: bool) -> None:
+@pytest.mark.parametrize(
+    ("sistema", "sistema_index", "index"),
+    [
+        ("CLN01", True, SISTEMA_INDEX),  # 100 of 1,300 rows: a range of the sistema index
+        ("OTRO", True, "PRIMARY"),  # 1,000 of 1,300: the primary key, walked in order and filtered
+        ("CLN01", False, "PRIMARY"),  # no index on sistema alone
+    ],
+)
+def test_full_pages_are_ranges_of_the_sistema_index_or_the_primary_key(
+    mariadb_url: str, sistema: str, sistema_index: bool, index: str
+) -> None:
     engine, rows = _patients(mariadb_url)
-    if not sistema_index:
-        with engine.begin() as conn:
+    others = [{"id": i, "sistema": "OTRO", "documento": f"O{i}", "eliminado": 0} for i in range(1_001, 2_001)]
+    with engine.begin() as conn:
+        conn.execute(insert(schema.sistemas), [{"codigo": "OTRO", "nombre": "O", "activo": 1}])
+        conn.execute(insert(schema.pacientes), others)
+        if not sistema_index:
             conn.execute(text(f"ALTER TABLE pacientes DROP INDEX {SISTEMA_INDEX}"))
-    reader = LegacyReader(engine, "patients", "HSJ", 7)
+    reader = LegacyReader(engine, "patients", sistema, 7)
     read = [int(i) for frame, _ in reader.pages(-1) for i in frame["id"]]
-    assert read == [r["id"] for r in rows if r["sistema"] == "HSJ"]
-    index = SISTEMA_INDEX if sistema_index else "PRIMARY"
+    assert read == [r["id"] for r in [*rows, *others] if r["sistema"] == sistema]
     assert reader.page_index == index
     plan = _plan(engine, reader, None, after=150)
     # a range scan of that index (by the default plan MariaDB reads the sistema by `ref` and filters ids)
     assert f"'range', '{index}'" in plan.replace('"', "'"), plan
+
+
+def test_the_sistema_share_is_estimated_without_reading_the_rows(mariadb_url: str) -> None:
+    """The share is MariaDB's estimate (InnoDB caps an index range at half the table): a sistema of
+    a quarter of the table or more is paged by the primary key."""
+    engine, _ = _patients(mariadb_url)
+    with engine.connect() as conn:
+        shares = {s: source._share(conn, schema.pacientes, s, SISTEMA_INDEX) for s in ("HSJ", "CLN01", "NONE")}
+        assert 0.25 <= shares["CLN01"] < shares["HSJ"] <= 0.75 and shares["NONE"] < 0.05, shares
+        assert source.page_index(conn, schema.pacientes, "NONE") == SISTEMA_INDEX
+        assert source.page_index(conn, schema.pacientes, "HSJ") == "PRIMARY"
 
 
 def _plan(engine: object, reader: LegacyReader, since: datetime | None, after: int = -1) -> str:

@@ -512,3 +512,13 @@ def test_verification_reads_sqlite_as_in_the_demo(tmp_path: Any) -> None:
         changed = conn.execute(text("SELECT min(legacy_id) FROM patients")).scalar()
         conn.execute(text("UPDATE patients SET source_updated_at = NULL WHERE legacy_id = :i"), {"i": changed})
     assert verify_partition("patients", "HSJ", legacy, target, target).mismatched.sample == [changed]
+
+
+def test_the_worker_caps_glibcs_malloc_arenas() -> None:
+    """RSS stays flat over a partition only with few arenas (connectorx reads each page on threads of
+    its own, and glibc would give them arenas of their own); mallopt says whether it took the cap."""
+    import platform
+
+    from worker.cli import limit_malloc_arenas
+
+    assert limit_malloc_arenas() is (platform.libc_ver()[0] == "glibc")

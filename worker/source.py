@@ -27,6 +27,9 @@ from worker import schema
 # Up to this many pages of changed rows, an incremental run reads them through the index on
 # actualizado_en (each page then sorts the rows changed after its first id).
 CHANGED_PAGES_BY_INDEX = 25
+# A sistema with at least this share of its table's rows is paged through the primary key, a smaller
+# one through the index on sistema (:func:`page_index`).
+PRIMARY_SHARE = 0.25
 # Pages sized by memory (no batch size given): as many rows as make about PAGE_BYTES of legacy
 # columns (by the last page's rows), within these bounds. A page's fixed costs (a query, the rules'
 # polars plan, 5–6 round trips to the target) are paid per page: narrow rows get about 9,000 rows
@@ -132,14 +135,36 @@ def changed_index(conn: Connection, table: Table) -> str | None:
     return index_on(conn, table, "actualizado_en")
 
 
-def page_index(conn: Connection, table: Table) -> str | None:
-    """The index the pages of a full run are read through, in id order, on MariaDB/MySQL: one on
-    ``sistema`` alone (InnoDB keys it by (sistema, id), so a page is a range of it), else the
-    primary key. Left to itself, MariaDB reads ``sistema = … AND id > …`` by the sistema alone and
-    filters the ids: every page would re-read the sistema's rows before it."""
+def page_index(conn: Connection, table: Table, sistema: str) -> str | None:
+    """The index the pages of a full run are read through, in id order, on MariaDB/MySQL. A sistema
+    that holds under ``PRIMARY_SHARE`` of the table: one on ``sistema`` alone (InnoDB keys it by
+    (sistema, id), so a page is a range of it; left to itself, MariaDB reads ``sistema = … AND id > …``
+    by the sistema alone and filters the ids: every page would re-read the sistema's rows before it).
+    A larger one, or no such index: the primary key, walked in order and filtered — each row of the
+    sistema index costs a look-up in the primary key, dearer than skipping the rows of other sistemas
+    (bench/checks.py: half the time for a sistema of the whole table, less for one of a quarter)."""
     if conn.dialect.name not in ("mysql", "mariadb"):
         return None
-    return index_on(conn, table, "sistema", alone=True) or "PRIMARY"
+    index = index_on(conn, table, "sistema", alone=True)
+    if index is None or _share(conn, table, sistema, index) >= PRIMARY_SHARE:
+        return "PRIMARY"
+    return index
+
+
+def _share(conn: Connection, table: Table, sistema: str, index: str) -> float:
+    """The sistema's share of the table's rows, as MariaDB's optimizer estimates them (EXPLAIN: a
+    dive into the sistema index, the table's row count): nothing is read. InnoDB caps the estimate of
+    one index range at half the table, above the threshold."""
+
+    def estimated(query: Any) -> int:
+        compiled = query.compile(conn)
+        plan = conn.exec_driver_sql("EXPLAIN " + str(compiled), compiled.params).mappings().first()
+        return int(plan["rows"] or 0) if plan is not None else 0
+
+    t = table
+    ours = estimated(_force_index(select(t.c.id).where(t.c.sistema == sistema), t, index))
+    everything = estimated(_force_index(select(t.c.id), t, "PRIMARY"))
+    return ours / everything if everything else 0.0
 
 
 def latest_update(conn: Connection, table: Table, sistema: str) -> Any:
@@ -290,7 +315,7 @@ class LegacyReader:
             last = after
             try:
                 with self.engine.connect() as conn:
-                    self.page_index = page_index(conn, self.columns.table)
+                    self.page_index = page_index(conn, self.columns.table, self.sistema)
                 if since is not None:
                     self._plan_incremental(since)
                 while not stop.is_set():
