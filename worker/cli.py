@@ -152,14 +152,13 @@ def _migrate(args: argparse.Namespace, secrets: dict[str, Any], reporter: Report
     )
     _require(secrets, "legacy_db_url", "target_db_url")
     target = schema.make_engine(secrets["target_db_url"])
-    state_url = secrets.get("state_db_url")
-    state = schema.make_engine(state_url) if state_url and state_url != secrets["target_db_url"] else None
+    state = schema.state_engine(secrets, target)
     legacy = schema.make_engine(secrets["legacy_db_url"])
     migration = Migration(params, legacy, target, state, log=reporter.log, progress=reporter.progress)
     result = migration.run()
     metadata = result.metadata(params.entity, {"sistema": params.sistema}, params.dry_run)
     if not params.dry_run:  # the partition as it now stands, for the asset page's plots
-        metadata |= count_clinical_partition(params.entity, params.sistema, legacy, target, state or target).metadata()
+        metadata |= count_clinical_partition(params.entity, params.sistema, legacy, target, state).metadata()
     reporter.materialization(metadata)
     return EXIT_OK
 

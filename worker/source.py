@@ -161,9 +161,8 @@ def _share(conn: Connection, table: Table, sistema: str, index: str) -> float:
         plan = conn.exec_driver_sql("EXPLAIN " + str(compiled), compiled.params).mappings().first()
         return int(plan["rows"] or 0) if plan is not None else 0
 
-    t = table
-    ours = estimated(_force_index(select(t.c.id).where(t.c.sistema == sistema), t, index))
-    everything = estimated(_force_index(select(t.c.id), t, "PRIMARY"))
+    ours = estimated(_force_index(select(table.c.id).where(table.c.sistema == sistema), table, index))
+    everything = estimated(_force_index(select(table.c.id), table, "PRIMARY"))
     return ours / everything if everything else 0.0
 
 
