@@ -29,7 +29,6 @@ import argparse
 import io
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -46,6 +45,12 @@ from worker import schema
 
 WORKER = str(Path(sys.executable).with_name("clinic-migrate"))
 TARGET_ROWS_PER_S = 150_000
+# The measured process: set up as clinic-migrate's (worker/launch.py) before anything loads polars,
+# and holding only what the worker's holds (bench/verify_child.py imports no Dagster, unlike this module).
+CHILD = (
+    "import sys; from worker.launch import prepare_process; prepare_process(); "
+    "from bench.verify_child import child; child(*sys.argv[1:])"
+)
 
 
 @dataclass(frozen=True)
@@ -71,72 +76,9 @@ class Timed:
 # --- the check, in a process of its own ------------------------------------------------------------
 
 
-def _status_mb(field: str) -> float | None:
-    """A memory figure of this process from /proc/self/status (``VmHWM``, ``VmRSS``), in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return None
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM). Not ``ru_maxrss``: a child started by fork + exec reports
-    there the parent's peak at the fork, when it is higher than its own."""
-    peak = _status_mb("VmHWM")
-    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def current_rss_mb() -> float:
-    return _status_mb("VmRSS") or 0.0
-
-
-def child(entity: str, sistema: str) -> None:
-    """``--child``: one ``verify_partition`` (URLs on stdin), in a process set up as the worker's
-    (``limit_malloc_arenas``); one JSON line with its time, peak RSS, and the highest RSS of each half
-    of the run (sampled every 20 ms): equal halves mean memory flat over the partition."""
-    import threading
-
-    from worker.cli import limit_malloc_arenas
-    from worker.verify_clinical import verify_partition
-
-    limit_malloc_arenas()
-    urls = json.loads(sys.stdin.read())
-    legacy, target = schema.make_engine(urls["legacy_db_url"]), schema.make_engine(urls["target_db_url"])
-    before = peak_rss_mb()
-    samples: list[tuple[float, float]] = []
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.02):
-            samples.append((time.perf_counter(), current_rss_mb()))
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    started = time.perf_counter()
-    sampler.start()
-    report = verify_partition(entity, sistema, legacy, target, target)
-    seconds = time.perf_counter() - started
-    done.set()
-    sampler.join()
-    middle = started + seconds / 2
-    halves = [max((mb for at, mb in samples if (at < middle) == first), default=0.0) for first in (True, False)]
-    print(
-        json.dumps(
-            {
-                "seconds": seconds,
-                "eligible": report.eligible,
-                "stored": report.stored,
-                "failures": report.integrity_failures,
-                "rss_mb": peak_rss_mb(),
-                "rss_before_mb": before,
-                "rss_halves_mb": halves,
-            }
-        )
-    )
-
-
 def verify_in_child(label: str, urls: dict[str, str], sistema: str) -> tuple[Timed, dict[str, Any]]:
     done = subprocess.run(
-        [sys.executable, "-m", "bench.checks", "--child", "patients", sistema],
+        [sys.executable, "-c", CHILD, "patients", sistema],
         input=json.dumps(urls),
         capture_output=True,
         text=True,
@@ -191,7 +133,8 @@ def floor(legacy: Engine, target: Engine, sistema: str) -> tuple[Timed, Timed]:
     frame = pl.from_arrow(connectorx.read_sql(reader.url, sql, return_type="arrow"))
     source = Timed("floor: legacy SELECT … ORDER BY id", len(frame), time.perf_counter() - started)
     del frame
-    query = _target_query("patients", sistema, None, 10**9).compile(target, compile_kwargs={"literal_binds": True})
+    whole = _target_query("patients", sistema, None, 10**9, unique=True)  # ORDER BY legacy_id
+    query = whole.compile(target, compile_kwargs={"literal_binds": True})
     columns = ", ".join(TARGET_TYPES["patients"])
     started = time.perf_counter()
     with target.connect() as conn:
@@ -224,11 +167,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="measurements of each kind (default 3)")
     parser.add_argument("--rss-sizes", default="100000", help="smaller partitions verified for peak RSS ('' none)")
     parser.add_argument("--keep", action="store_true", help="keep the databases afterwards")
-    parser.add_argument("--child", nargs=2, metavar=("ENTITY", "SISTEMA"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        child(*args.child)
-        return
     rss_sizes = sorted(int(s) for s in args.rss_sizes.split(",") if s.strip())
     load_at_start = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     bench_started = time.monotonic()

@@ -296,6 +296,81 @@ def test_each_tampering_is_found_exactly(
     assert_clean(verify(migrated, entity))
 
 
+# The target's unique constraints, as worker/schema.py creates them: dropped to store a record twice.
+UNIQUE = {
+    "patients": {
+        "uq_patients_legacy": "UNIQUE (sistema, legacy_id)",
+        "uq_patients_national_id": "UNIQUE (sistema, national_id) DEFERRABLE INITIALLY DEFERRED",
+    },
+    "encounters": {"uq_encounters_legacy": "UNIQUE (sistema, legacy_id)"},
+}
+
+
+@pytest.mark.parametrize("entity", ["patients", "encounters"])
+def test_a_record_stored_twice_is_read_twice_across_page_breaks(migrated: Clinical, entity: str) -> None:
+    """Verification reads the target by legacy id alone only while PostgreSQL holds (sistema,
+    legacy_id) unique: with the constraint dropped and a record stored twice, every page size — a
+    page break between the two copies included — reads both, and integrity names the record."""
+    from worker.verify_clinical import target_frames
+
+    table, constraints = TABLES[entity], UNIQUE[entity]
+    assert schema.unique_within(migrated.target, schema.TARGETS[entity], ("sistema", "legacy_id"))
+    legacy_id = _one(
+        migrated.target, f"SELECT legacy_id FROM {table} WHERE sistema = 'HSJ' ORDER BY legacy_id OFFSET 9 LIMIT 1"
+    )[0]
+    columns = ", ".join(col.name for col in schema.TARGETS[entity].columns if col.name != "id")
+    for name in constraints:
+        _run(migrated.target, f"ALTER TABLE {table} DROP CONSTRAINT {name}")
+    _run(
+        migrated.target,
+        f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {table} WHERE sistema = 'HSJ' AND legacy_id = :i",
+        i=legacy_id,
+    )
+    try:
+        assert not schema.unique_within(migrated.target, schema.TARGETS[entity], ("sistema", "legacy_id"))
+        for page in (1, 2, 3, 10):
+            keys = pl.concat(target_frames(entity, "HSJ", migrated.target, page=page))["key"]
+            assert keys.to_list().count(legacy_id) == 2, page
+            assert keys.is_sorted() and keys.n_unique() == keys.len() - 1, page
+        assert_only(verify(migrated, entity), "integrity", "ERROR", "duplicates", legacy_id)
+    finally:
+        _run(
+            migrated.target,
+            f"DELETE FROM {table} WHERE id = (SELECT max(id) FROM {table} WHERE sistema = 'HSJ' AND legacy_id = :i)",
+            i=legacy_id,
+        )
+        for name, definition in constraints.items():
+            _run(migrated.target, f"ALTER TABLE {table} ADD CONSTRAINT {name} {definition}")
+    assert schema.unique_within(migrated.target, schema.TARGETS[entity], ("sistema", "legacy_id"))
+    assert_clean(verify(migrated, entity))
+
+
+def test_uniqueness_is_read_from_the_catalog(postgres_url: str) -> None:
+    """:func:`worker.schema.unique_within`: a valid unique index on some of the columns holds them
+    unique; a partial one, a plain one or one on an expression does not."""
+    engine = schema.make_engine(postgres_url)
+    table = schema.TARGETS["patients"]
+    try:
+        schema.create_schemas(engine, schema.target_metadata)
+        with engine.begin() as conn:
+            for name in UNIQUE["patients"]:
+                conn.execute(text(f"ALTER TABLE clinical.patients DROP CONSTRAINT {name}"))
+        cases = [
+            ("CREATE INDEX ix_plain ON clinical.patients (sistema, legacy_id)", False),
+            ("CREATE UNIQUE INDEX ix_partial ON clinical.patients (sistema, legacy_id) WHERE sex = 'F'", False),
+            ("CREATE UNIQUE INDEX ix_expression ON clinical.patients (sistema, (legacy_id + 1))", False),
+            ("CREATE UNIQUE INDEX ix_wider ON clinical.patients (sistema, legacy_id, email)", False),
+            ("CREATE UNIQUE INDEX ix_alone ON clinical.patients (legacy_id)", True),
+        ]
+        for ddl, unique in cases:
+            with engine.begin() as conn:
+                conn.execute(text(ddl))
+            assert schema.unique_within(engine, table, ("sistema", "legacy_id")) is unique, ddl
+        assert not schema.unique_within(schema.make_engine("sqlite://"), table, ("sistema", "legacy_id"))
+    finally:
+        engine.dispose()
+
+
 def test_a_patient_deleted_in_the_target_orphans_its_encounters(migrated: Clinical) -> None:
     """The encounters' source side looks its patients up in the target, as the migration does: those
     of a patient that is gone are no longer expected, so the stored ones are unexpected and dangling."""
@@ -512,13 +587,3 @@ def test_verification_reads_sqlite_as_in_the_demo(tmp_path: Any) -> None:
         changed = conn.execute(text("SELECT min(legacy_id) FROM patients")).scalar()
         conn.execute(text("UPDATE patients SET source_updated_at = NULL WHERE legacy_id = :i"), {"i": changed})
     assert verify_partition("patients", "HSJ", legacy, target, target).mismatched.sample == [changed]
-
-
-def test_the_worker_caps_glibcs_malloc_arenas() -> None:
-    """RSS stays flat over a partition only with few arenas (connectorx reads each page on threads of
-    its own, and glibc would give them arenas of their own); mallopt says whether it took the cap."""
-    import platform
-
-    from worker.cli import limit_malloc_arenas
-
-    assert limit_malloc_arenas() is (platform.libc_ver()[0] == "glibc")

@@ -14,8 +14,6 @@ run (e.g. a mass delete), 3 a database could not be reached or the lock's sessio
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import importlib.metadata
 import json
 import math
@@ -299,24 +297,7 @@ def _terminate(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds: open transactions roll back, connections close
 
 
-M_ARENA_MAX = -8  # glibc's mallopt parameter
-MALLOC_ARENAS = 2
-
-
-def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
-    """Cap glibc's malloc arenas for this process (like ``MALLOC_ARENA_MAX``). glibc gives threads that
-    allocate at once arenas of their own, up to eight per core, and connectorx reads each page on
-    threads of its own: the pages it frees stay behind in those arenas, and RSS crept by ~3 MB a page
-    (56 MB over a 480k-row partition, bench/checks.py). Two keep it flat. Not glibc: nothing to do."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_ARENA_MAX, arenas))
-    except (OSError, AttributeError):
-        return False
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    limit_malloc_arenas()  # before any thread allocates
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # one Pipes message per line, now
     signal.signal(signal.SIGTERM, _terminate)
     args = _parser().parse_args(argv)

@@ -7,6 +7,7 @@ On SQLite the ``clinical`` and ``migration`` schemas are mapped onto the one dat
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,6 +16,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Connection,
     Date,
     DateTime,
     Dialect,
@@ -28,6 +30,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     inspect,
+    text,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.types import TypeDecorator, TypeEngine
@@ -237,6 +240,16 @@ runs = Table(
 )
 
 
+_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()  # every engine make_engine made, while it lives
+
+
+def dispose_engines() -> None:
+    """Close the pooled connections of every engine :func:`make_engine` made that is still alive:
+    each server is told goodbye, as a process that is about to end should."""
+    for engine in list(_ENGINES):
+        engine.dispose()
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine that never puts bound values (patient data) into exception messages."""
     if make_url(url).get_driver_name() == "psycopg":
@@ -244,6 +257,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         # values can turn every batch's index lookup into a scan of a growing table.
         kwargs.setdefault("connect_args", {}).setdefault("prepare_threshold", None)
     engine = create_engine(url, hide_parameters=True, pool_pre_ping=True, **kwargs)
+    _ENGINES.add(engine)
     if engine.dialect.name == "sqlite":
         engine = engine.execution_options(schema_translate_map={"clinical": None, "migration": None})
     return engine
@@ -260,6 +274,27 @@ def has_table(bind: Engine, table: Table) -> bool:
     if bind.dialect.name == "sqlite":
         return inspect(bind).has_table(table.name)
     return inspect(bind).has_table(table.name, schema=table.schema)
+
+
+def unique_within(bind: Engine | Connection, table: Table, columns: tuple[str, ...]) -> bool:
+    """Whether PostgreSQL holds ``columns`` of ``table`` unique now: a valid unique index, not partial
+    and on plain columns, whose key is some of ``columns``. Asked of the catalog, not of this module's
+    metadata (an index dropped on the server is not there). Other databases: False (not asked)."""
+    if bind.dialect.name != "postgresql":
+        return False
+    found = text(
+        "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = :schema AND c.relname = :table AND i.indisunique AND i.indisvalid AND i.indisready "
+        "AND i.indpred IS NULL AND i.indexprs IS NULL AND i.indnkeyatts > 0 "
+        "AND (SELECT bool_and(a.attname = ANY(CAST(:columns AS text[]))) FROM pg_attribute a "
+        "WHERE a.attrelid = c.oid AND a.attnum = ANY((i.indkey::int2[])[0:i.indnkeyatts - 1])))"
+    )
+    params = {"schema": table.schema or "public", "table": table.name, "columns": list(columns)}
+    if isinstance(bind, Connection):
+        return bool(bind.execute(found, params).scalar())
+    with bind.connect() as conn:
+        return bool(conn.execute(found, params).scalar())
 
 
 def create_schemas(engine: Engine, *metadatas: MetaData) -> None:

@@ -234,9 +234,12 @@ TARGET_TYPES = {"patients": _PATIENT_TYPES, "encounters": _ENCOUNTER_TYPES}
 HASHED = {"patients": batch.PATIENT_FIELDS, "encounters": batch.ENCOUNTER_HASH_FIELDS}
 
 
-def _target_query(entity: str, sistema: str, after: tuple[int, int] | None, rows: int) -> Any:
+def _target_query(entity: str, sistema: str, after: tuple[int, int] | None, rows: int, unique: bool = False) -> Any:
     """One keyset page of the stored rows, ordered by (legacy_id, id): a legacy id stored twice is
-    read twice, wherever the pages break. An encounter's patient is joined in the same sistema."""
+    read twice, wherever the pages break. ``unique``: the target holds a legacy id once per sistema
+    (:func:`worker.schema.unique_within`), so the order and the keyset are the legacy id's alone —
+    its index's order, where (legacy_id, id) costs PostgreSQL a sort of every page (a third of the
+    page's time). An encounter's patient is joined in the same sistema."""
     t = schema.TARGETS[entity]
     if entity == "patients":
         columns = [t.c[name] for name in _PATIENT_TYPES]
@@ -247,6 +250,9 @@ def _target_query(entity: str, sistema: str, after: tuple[int, int] | None, rows
         columns = [patient if name == "patient_legacy_id" else t.c[name] for name in _ENCOUNTER_TYPES]
         joined = t.outerjoin(p, and_(p.c.id == t.c.patient_id, p.c.sistema == t.c.sistema))
     query = select(*columns).select_from(joined).where(t.c.sistema == sistema)
+    if unique:
+        query = query if after is None else query.where(t.c.legacy_id > after[0])
+        return query.order_by(t.c.legacy_id).limit(rows)
     if after is not None:
         query = query.where(tuple_(t.c.legacy_id, t.c.id) > tuple_(*after))
     return query.order_by(t.c.legacy_id, t.c.id).limit(rows)
@@ -301,8 +307,10 @@ def target_frames(entity: str, sistema: str, target: Engine, page: int | None = 
     after: tuple[int, int] | None = None
     rows = page or VERIFY_PAGES.min_rows
     with target.connect() as conn:
+        unique = schema.unique_within(conn, schema.TARGETS[entity], ("sistema", "legacy_id"))
+        conn.rollback()
         while True:
-            frame = fetch(conn, _target_query(entity, sistema, after, rows), types)
+            frame = fetch(conn, _target_query(entity, sistema, after, rows, unique), types)
             conn.rollback()
             if frame.height == 0:
                 return
