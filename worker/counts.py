@@ -8,7 +8,8 @@ check proves them record by record (worker/verify.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,18 +46,51 @@ class PartitionCounts(Accounting):
 
 
 def count_clinical_partition(
-    entity: str, sistema: str, legacy: Engine, target: Engine, state: Engine
+    entity: str,
+    sistema: str,
+    legacy: Engine,
+    target: Engine,
+    state: Engine,
+    eligible: Callable[[], int] | None = None,
 ) -> PartitionCounts:
-    """Count E, M and Q for one clinical entity and sistema, each from its own database."""
-    source = schema.SOURCES[entity]
+    """Count E, M and Q for one clinical entity and sistema, each from its own database. ``eligible``:
+    E as already being counted elsewhere (``clinic-migrate migrate`` counts it beside the run)."""
     table = schema.TARGETS[entity]
-    with legacy.connect() as conn:
-        eligible = conn.scalar(
-            select(func.count()).select_from(source).where(source.c.sistema == sistema, source.c.eliminado == 0)
-        )
-    with target.connect() as conn:
-        migrated = conn.scalar(select(func.count()).select_from(table).where(table.c.sistema == sistema))
-    return PartitionCounts(entity, sistema, int(eligible or 0), int(migrated or 0), quarantined(state, entity, sistema))
+    migrated = select(func.count()).select_from(table).where(table.c.sistema == sistema)
+    return partition_counts(
+        entity,
+        sistema,
+        eligible or (lambda: count_eligible(entity, sistema, legacy)),
+        lambda: scalar(target, migrated),
+        state,
+    )
+
+
+def count_eligible(entity: str, sistema: str, legacy: Engine) -> int:
+    """E of one clinical entity and sistema: its legacy rows that are not soft-deleted."""
+    source = schema.SOURCES[entity]
+    return scalar(
+        legacy,
+        select(func.count()).select_from(source).where(source.c.sistema == sistema, source.c.eliminado == 0),
+    )
+
+
+def partition_counts(
+    entity: str, partition_key: str, eligible: Callable[[], int], migrated: Callable[[], int], state: Engine
+) -> PartitionCounts:
+    """E and M as the two callables count them, and Q, the three at once: each asks a database of its
+    own (one after another they were 0.15–0.35 s of a clinical incremental run of 1–2 s)."""
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="counts") as pool:
+        counting = pool.submit(eligible), pool.submit(migrated)
+        held = quarantined(state, entity, partition_key)
+        e, m = (int(future.result() or 0) for future in counting)
+    return PartitionCounts(entity, partition_key, e, m, held)
+
+
+def scalar(engine: Engine, query: Any) -> int:
+    """One count, on a connection of its own."""
+    with engine.connect() as conn:
+        return int(conn.scalar(query) or 0)
 
 
 def quarantined(state: Engine, entity: str, partition_key: str) -> dict[str, int]:

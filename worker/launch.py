@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 import os
 import sys
@@ -31,10 +30,20 @@ POLARS_ALLOCATOR_SETTINGS = "_RJEM_MALLOC_CONF"  # jemalloc's MALLOC_CONF, as po
 def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     """Cap glibc's malloc arenas for this process (like ``MALLOC_ARENA_MAX``); False when not glibc."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_ARENA_MAX, arenas))
+        return bool(_libc().mallopt(M_ARENA_MAX, arenas))
     except (OSError, AttributeError):
         return False
+
+
+def _libc() -> ctypes.CDLL:
+    """The C library by its glibc name; elsewhere as ``ctypes.util`` finds it (an ``ldconfig`` run and
+    ~10 ms of imports, so not on glibc, where every worker command starts here)."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        from ctypes.util import find_library
+
+        return ctypes.CDLL(find_library("c"))
 
 
 def limit_polars_arenas(arenas: int = POLARS_ARENAS) -> bool:
