@@ -41,6 +41,17 @@ def test_runs_a_command_with_stdin(sshd: SSHServer) -> None:
     assert (code, out) == (0, ["ABC"])
 
 
+def test_the_connection_sends_small_messages_at_once(sshd: SSHServer) -> None:
+    """Nagle's algorithm off from before the handshake: each of paramiko's small writes behind an
+    unacknowledged one would wait for the peer's delayed ACK (~40 ms a time on Linux)."""
+    import socket
+
+    with resource(sshd).connect() as client:
+        transport = client.get_transport()
+        assert transport is not None and transport.is_authenticated()
+        assert transport.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
 def test_unknown_host_key_is_refused(sshd: SSHServer, tmp_path: Path) -> None:
     empty = tmp_path / "known_hosts"
     empty.write_text("")
