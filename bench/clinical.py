@@ -207,19 +207,20 @@ def build_rss(source_db: str, engine: Engine, sizes: list[int], source_patients:
     return sistemas
 
 
-def change_one_percent(engine: Engine, residue: int = 37, earlier: int | None = None) -> dict[str, int]:
-    """1 % of each table's rows (``id mod 100 = residue``) get new data and ``actualizado_en = NOW()``.
-    ``earlier``: the residue of the round before, whose rows are first put back before every
-    watermark (``actualizado_en`` of 2001), so each round's incremental run finds its 1 % alone rather
-    than also those the round before changed (its watermark is ``>=``, so they would be read again)."""
+def change_one_percent(engine: Engine, round_: int = 0) -> dict[str, int]:
+    """1 % of each table's rows (``id mod 100 = 37 + round_``) get new data and ``actualizado_en = NOW()``.
+    The rows of the round before are first put back before every watermark (``actualizado_en`` of
+    2001), so each round's incremental run finds its own 1 % alone (its watermark is ``>=``: the round
+    before's rows would be read again)."""
+    residue = 37 + round_
     changed = {}
     for entity, column in (("patients", "nombres"), ("encounters", "notas")):
         table = TABLES[entity]
         with engine.begin() as conn:
-            if earlier is not None:
+            if round_:
                 conn.execute(
                     text(f"UPDATE {table} SET actualizado_en = '2001-01-01' WHERE sistema = :s AND MOD(id, 100) = :r"),
-                    {"s": SISTEMA, "r": earlier},
+                    {"s": SISTEMA, "r": residue - 1},
                 )
             done = conn.execute(
                 text(
@@ -450,7 +451,7 @@ def main() -> None:
                 def incremental() -> None:  # 5: 1 % of the rows changed, a new 1 % each round
                     runs: dict[str, list[tuple[WorkerRun, int, str]]] = {entity: [] for entity in ENTITIES}
                     for round_ in range(args.incremental_rounds):
-                        changed = change_one_percent(legacy, 37 + round_, 36 + round_ if round_ else None)
+                        changed = change_one_percent(legacy, round_)
                         say(f"round {round_ + 1}: changed 1 % of the legacy rows: {changed}")
                         time.sleep(1.0)  # NOW() of the next round's changes is a later second
                         incremental_id = f"bench-{tag}-incr{round_}"

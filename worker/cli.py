@@ -160,8 +160,7 @@ def _migrate(args: argparse.Namespace, secrets: dict[str, Any], reporter: Report
         result = migration.run()
     metadata = result.metadata(params.entity, {"sistema": params.sistema}, params.dry_run)
     if eligible is not None:
-        counts = count_clinical_partition(params.entity, params.sistema, legacy, target, state, eligible.result)
-        metadata |= counts.metadata()
+        metadata |= count_clinical_partition(params.entity, params.sistema, eligible.result, target, state).metadata()
     reporter.materialization(metadata)
     return EXIT_OK
 

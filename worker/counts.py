@@ -46,24 +46,14 @@ class PartitionCounts(Accounting):
 
 
 def count_clinical_partition(
-    entity: str,
-    sistema: str,
-    legacy: Engine,
-    target: Engine,
-    state: Engine,
-    eligible: Callable[[], int] | None = None,
+    entity: str, sistema: str, eligible: Callable[[], int], target: Engine, state: Engine
 ) -> PartitionCounts:
-    """Count E, M and Q for one clinical entity and sistema, each from its own database. ``eligible``:
-    E as already being counted elsewhere (``clinic-migrate migrate`` counts it beside the run)."""
+    """E, M and Q for one clinical entity and sistema, each from its own database: E as ``eligible``
+    gives it (:func:`count_eligible`; ``clinic-migrate migrate`` counts it beside the run), M from the
+    target, Q from the quarantine."""
     table = schema.TARGETS[entity]
     migrated = select(func.count()).select_from(table).where(table.c.sistema == sistema)
-    return partition_counts(
-        entity,
-        sistema,
-        eligible or (lambda: count_eligible(entity, sistema, legacy)),
-        lambda: scalar(target, migrated),
-        state,
-    )
+    return partition_counts(entity, sistema, eligible, lambda: scalar(target, migrated), state)
 
 
 def count_eligible(entity: str, sistema: str, legacy: Engine) -> int:
