@@ -358,6 +358,7 @@ def test_an_overwritten_blob_and_document_are_kept_in_the_ledger(setup: Setup) -
 
 KILLABLE = """
 import sys
+import threading
 from migration_assets.app.migrate import AppMigration, AppRunParameters
 from resources.blobstore import BlobStore
 from resources.firestore import FirestoreResource
@@ -367,6 +368,18 @@ url, project, emulator, media, blobs, shard = sys.argv[1:]
 engine = schema.make_engine(url)
 params = AppRunParameters(entity="files", shard=shard, usuario="tester", run_id="killed", batch_size=2)
 writer = FirestoreResource(project=project, emulator_host=emulator).writer()
+commit, commits = writer.commit, []
+
+
+def held_after_the_second(writes):  # deterministic: the run cannot end before the test kills it
+    result = commit(writes)
+    commits.append(len(writes))
+    if len(commits) >= 2:  # written to Firestore, not yet checkpointed: the kill lands here at the latest
+        threading.Event().wait()
+    return result
+
+
+writer.commit = held_after_the_second
 AppMigration(params, engine, engine, writer, media=LocalMediaSource(media), blobs=BlobStore(blobs)).run()
 """
 
