@@ -10,7 +10,9 @@ complete, verified content.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import itertools
 import os
 import posixpath
 import queue
@@ -53,6 +55,7 @@ class CopyResult:
     sha256: str
 
 
+@functools.lru_cache(maxsize=4096)  # a file's key is checked by every step of its copy
 def _check_key(key: str) -> str:
     if not isinstance(key, str) or not _KEY.match(key):
         raise ValueError("blob key must be relative '/'-separated names of letters, digits, '.', '_' and '-'")
@@ -88,6 +91,7 @@ class BlobStore:
         self.root = str(root).rstrip("/")
         self.local = isinstance(fs, LocalFileSystem)
         self._folders: set[str] = set()  # local folders known to exist (bounded by the users' count)
+        self._prefix, self._serial = uuid.uuid4().hex, itertools.count()
         if self.local:
             self.fs.makedirs(self.root, exist_ok=True)
 
@@ -103,7 +107,8 @@ class BlobStore:
         return str(self.fs.unstrip_protocol(self._path(key)))
 
     def _temporary(self) -> str:
-        return f"{self.root}/{PARTIAL_PREFIX}/{uuid.uuid4().hex}"
+        """A new name under ``.partial/``: this store's random prefix and a serial number (no system call)."""
+        return f"{self.root}/{PARTIAL_PREFIX}/{self._prefix}-{next(self._serial)}"
 
     def _prepare_parent(self, path: str) -> None:
         if self.local:  # object stores have no directories
@@ -115,12 +120,21 @@ class BlobStore:
     # -- reading -----------------------------------------------------------------------------------------------
 
     def _open_read(self, path: str) -> BinaryIO:
-        if self.local:  # a local folder: the operating system's own files, without fsspec's layers per call
-            return open(path, "rb")
         return self.fs.open(path, "rb", block_size=BLOCK_BYTES, cache_type="readahead")  # type: ignore[no-any-return]
 
     def _hash_path(self, path: str) -> tuple[int, str]:
         digest, size = hashlib.sha256(), 0
+        if self.local:  # the descriptor itself: no buffer layer's fstat/ioctl/seek (each gives up the GIL)
+            descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                while chunk := os.read(descriptor, CHUNK_BYTES):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    if len(chunk) < CHUNK_BYTES:  # a regular file's short read is its end
+                        break
+            finally:
+                os.close(descriptor)
+            return size, digest.hexdigest()
         with self._open_read(path) as reader:
             while chunk := reader.read(CHUNK_BYTES):
                 digest.update(chunk)
@@ -205,17 +219,31 @@ class BlobStore:
             self.fs.mv(source, target)
 
     def _open_write(self, path: str) -> BinaryIO:
-        if self.local:
-            try:
-                return open(path, "wb")
-            except FileNotFoundError:  # its folder went away since it was made: make it again
-                self._folders.discard(posixpath.dirname(path))
-                self._prepare_parent(path)
-                return open(path, "wb")
         return self.fs.open(path, "wb", block_size=BLOCK_BYTES)  # type: ignore[no-any-return]
+
+    def _create_local(self, path: str) -> int:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            return os.open(path, flags, 0o666)
+        except FileNotFoundError:  # its folder went away since it was made: make it again
+            self._folders.discard(posixpath.dirname(path))
+            self._prepare_parent(path)
+            return os.open(path, flags, 0o666)
 
     def _write(self, path: str, chunks: Iterable[bytes]) -> tuple[int, str]:
         digest, size = hashlib.sha256(), 0
+        if self.local:  # straight to the descriptor: a small blob is one open, one write and one close
+            descriptor = self._create_local(path)
+            try:
+                for chunk in chunks:
+                    digest.update(chunk)
+                    size += len(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(descriptor, view) :]
+            finally:
+                os.close(descriptor)
+            return size, digest.hexdigest()
         with self._open_write(path) as writer:
             for chunk in chunks:
                 if not chunk:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
     from resources.ssh import SSHResource
 from worker.app_rules import unsafe_path_problem
+from worker.libc import open_directory_beneath
 
 
 class MediaError(Exception):
@@ -132,49 +133,62 @@ class LocalMediaSource:
         return self._open_parts(parts)
 
     def _open_parts(self, parts: list[str], on_symlink: type[Exception] | None = None) -> int:
-        """Open the regular file at ``parts`` under the root, each part relative to its parent with
-        ``O_NOFOLLOW``. A symlink part is :class:`UnsafePath`, or ``on_symlink`` when given (the caller
-        resolves the path first)."""
+        """Open the regular file at ``parts`` under the root: its directory at once when no symlink is on
+        the way (:func:`worker.libc.open_directory_beneath`), else each part relative to its parent with
+        ``O_NOFOLLOW``; then the file itself, with ``O_NOFOLLOW``. A symlink part is :class:`UnsafePath`, or
+        ``on_symlink`` when given (the caller resolves the path first)."""
         if not parts:
             raise MissingBlob("path names MEDIA_ROOT itself, not a file")
         try:
-            directory = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            root = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
             raise MigrationError(Category.VALIDATION_ERROR, "MEDIA_ROOT cannot be opened", ours=True) from None
+        directory = root
         try:
-            for index, part in enumerate(parts):
-                last = index == len(parts) - 1
-                try:
-                    info = os.stat(part, dir_fd=directory, follow_symlinks=False)
-                except OSError as problem:  # its message names the file: never passed on
-                    raise _local_problem(problem) from None
-                if stat.S_ISLNK(info.st_mode):
-                    if on_symlink is not None:
-                        raise on_symlink()
-                    # realpath resolved every symlink it could: one left is a loop, or was swapped in since.
-                    raise UnsafePath("path goes through a symlink that cannot be resolved safely")
-                if not last:
-                    if not stat.S_ISDIR(info.st_mode):
+            if len(parts) > 1 and (found := open_directory_beneath(root, "/".join(parts[:-1]))) is not None:
+                directory = found
+            else:
+                for part in parts[:-1]:
+                    if not stat.S_ISDIR(self._part_status(part, directory, on_symlink).st_mode):
                         raise MissingBlob("a directory in the path is a file")
                     child = self._open_at(part, directory, os.O_RDONLY | os.O_DIRECTORY)
-                    os.close(directory)
+                    if directory != root:
+                        os.close(directory)
                     directory = child
-                    continue
-                if stat.S_ISDIR(info.st_mode):
-                    raise MissingBlob("path names a directory, not a file")
-                if not stat.S_ISREG(info.st_mode):
-                    raise UnsafePath("path names a device, FIFO or socket, not a regular file")
-                # O_NONBLOCK: should a FIFO be swapped in after the check, opening it cannot hang the run.
-                descriptor = self._open_at(part, directory, os.O_RDONLY | os.O_NONBLOCK)
-                opened = os.fstat(descriptor)
-                if (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino):
-                    os.close(descriptor)
-                    raise UnsafePath("file was replaced while being opened")
-                os.set_blocking(descriptor, True)
-                return descriptor
-            raise AssertionError("unreachable")  # pragma: no cover
+            return self._open_file(parts[-1], directory, on_symlink)
         finally:
-            os.close(directory)
+            if directory != root:
+                os.close(directory)
+            os.close(root)
+
+    def _open_file(self, name: str, directory: int, on_symlink: type[Exception] | None) -> int:
+        info = self._part_status(name, directory, on_symlink)
+        if stat.S_ISDIR(info.st_mode):
+            raise MissingBlob("path names a directory, not a file")
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafePath("path names a device, FIFO or socket, not a regular file")
+        # O_NONBLOCK: should a FIFO be swapped in after the check, opening it cannot hang the run. It is
+        # left set: a regular file (checked below, on the descriptor itself) reads the same either way.
+        descriptor = self._open_at(name, directory, os.O_RDONLY | os.O_NONBLOCK)
+        opened = os.fstat(descriptor)
+        if (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino) or not stat.S_ISREG(opened.st_mode):
+            os.close(descriptor)
+            raise UnsafePath("file was replaced while being opened")
+        return descriptor
+
+    @staticmethod
+    def _part_status(part: str, directory: int, on_symlink: type[Exception] | None) -> os.stat_result:
+        """The part's own status (a symlink not followed): a symlink is ``on_symlink`` or :class:`UnsafePath`."""
+        try:
+            info = os.stat(part, dir_fd=directory, follow_symlinks=False)
+        except OSError as problem:  # its message names the file: never passed on
+            raise _local_problem(problem) from None
+        if stat.S_ISLNK(info.st_mode):
+            if on_symlink is not None:
+                raise on_symlink()
+            # realpath resolved every symlink it could: one left is a loop, or was swapped in since.
+            raise UnsafePath("path goes through a symlink that cannot be resolved safely")
+        return info
 
     @staticmethod
     def _open_at(part: str, directory: int, flags: int) -> int:

@@ -42,6 +42,7 @@ from resources.media import (
 from resources.ssh import SSHResource
 from tests.conftest import unavailable
 from tests.ports import free_port
+from worker import libc
 from worker.app_rules import blob_key, unsafe_path_problem
 
 MiB = 1024 * 1024
@@ -193,9 +194,11 @@ def ssh_resource(server: SSHServer) -> SSHResource:
     return SSHResource(**server.resource_kwargs())  # type: ignore[arg-type]
 
 
-@pytest.fixture(params=["local", pytest.param("sftp", marks=pytest.mark.integration)])
-def source(request: pytest.FixtureRequest, tree: MediaTree) -> Iterator[MediaSource]:
-    if request.param == "local":
+@pytest.fixture(params=["local", "local-walk", pytest.param("sftp", marks=pytest.mark.integration)])
+def source(request: pytest.FixtureRequest, tree: MediaTree, monkeypatch: pytest.MonkeyPatch) -> Iterator[MediaSource]:
+    if request.param.startswith("local"):
+        if request.param == "local-walk":  # a kernel without openat2 (before 5.6, or refused by seccomp)
+            monkeypatch.setattr(libc, "_openat2_works", False)
         with LocalMediaSource(str(tree.root)) as local:
             yield local
         return
@@ -255,6 +258,20 @@ def test_missing_files(source: MediaSource, tree: MediaTree, path: str) -> None:
     error = tree.expect_never_opened(lambda: read_all(source, path), MissingBlob)
     assert error.reason == "MISSING_BLOB"
     assert "docs" not in str(error) and "missing" not in str(error).replace("MISSING_BLOB", "")
+
+
+def test_a_directory_is_opened_beneath_the_root_in_one_call_only_without_symlinks(tree: MediaTree) -> None:
+    root = os.open(tree.root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        found = libc.open_directory_beneath(root, "docs/inner")
+        assert found is not None, "openat2 is missing here: every local open walks the path part by part"
+        assert os.stat("b.bin", dir_fd=found).st_size == 10000
+        os.close(found)
+        for refused in ("dir_inside", "docs/deep_escape", "escape_dir", "loop_a", "missing/dir", "docs/a.txt", ".."):
+            assert libc.open_directory_beneath(root, refused) is None, refused  # the walk tells these apart
+    finally:
+        os.close(root)
+    assert tree.watch.events() == 0
 
 
 def test_the_source_keeps_serving_after_a_refusal(source: MediaSource, tree: MediaTree) -> None:

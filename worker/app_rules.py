@@ -142,13 +142,35 @@ def _checked_size(value: Any, depth: int) -> int:
     type."""
     if depth > MAX_FIELD_DEPTH:
         raise _Refused(f"nests deeper than {MAX_FIELD_DEPTH} levels")
+    # The exact types JSON and the transforms give, first, each encoded once; subclasses and the rest below.
+    kind = type(value)
+    if kind is str:
+        try:
+            return len(value.encode("utf-8")) + 1  # = string_size: valid Unicode encodes the same either way
+        except UnicodeEncodeError:
+            raise _Refused("holds text that is not valid Unicode") from None
+    if kind is int:
+        if not INT64[0] <= value <= INT64[1]:
+            raise _Refused("holds an integer outside the 64-bit range")
+        return 8
+    if kind is float or kind is datetime:
+        return 8
+    if value is None or kind is bool:
+        return 1
     if isinstance(value, Mapping):
         size = 0
         for key, item in value.items():
-            problem = _key_problem(key)
-            if problem is not None:
-                raise _Refused(problem)
-            size += string_size(key) + _checked_size(item, depth + 1)
+            if type(key) is str and key and key[:2] != "__":  # the common key: only its encoding to check
+                try:
+                    size += len(key.encode("utf-8")) + 1
+                except UnicodeEncodeError:
+                    raise _Refused("holds a key that is not valid Unicode") from None
+            else:
+                problem = _key_problem(key)
+                if problem is not None:
+                    raise _Refused(problem)
+                size += string_size(key)
+            size += _checked_size(item, depth + 1)
         return size
     if isinstance(value, list | tuple):
         size = 0
@@ -168,6 +190,16 @@ def _checked_size(value: Any, depth: int) -> int:
     return value_size(value)
 
 
+def _field_name_size(name: Any) -> int | None:
+    """A top-level field name's storage size, or None when Firestore refuses it as a name."""
+    if not isinstance(name, str) or not name or (name[:2] == "__" and _RESERVED_KEY.fullmatch(name)):
+        return None
+    try:
+        return len(name.encode("utf-8")) + 1  # = string_size: valid Unicode encodes the same either way
+    except UnicodeEncodeError:
+        return None
+
+
 def firestore_value_problem(document: Mapping[str, Any], path: str) -> str | None:
     """Why Firestore would refuse ``document`` at ``path``, or None when it can hold it.
 
@@ -180,10 +212,11 @@ def firestore_value_problem(document: Mapping[str, Any], path: str) -> str | Non
     """
     size = 0
     for name in sorted(document, key=str):
-        if not isinstance(name, str) or not name or not _is_text(name) or _RESERVED_KEY.fullmatch(name):
+        name_bytes = _field_name_size(name)
+        if name_bytes is None:
             return "a field name is empty, not Unicode or of the reserved form __name__"
         try:
-            size += string_size(name) + _checked_size(document[name], 1)
+            size += name_bytes + _checked_size(document[name], 1)
         except _Refused as refused:
             return f"{name} {refused.phrase}"
     if name_size(path) + size + DOCUMENT_OVERHEAD > MAX_DOCUMENT_BYTES:

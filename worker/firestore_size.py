@@ -43,6 +43,15 @@ def name_size(path: str) -> int:
 
 def value_size(value: Any) -> int:
     """The size of one field value; ``TypeError`` for a type Firestore cannot store."""
+    kind = type(value)  # the exact types documents are made of, first (one look-up each)
+    if kind is str:
+        return len(value.encode("utf-8", "surrogatepass")) + 1
+    if kind is int or kind is float or kind is datetime:
+        return 8
+    if kind is dict:
+        return sum(string_size(str(key)) + value_size(item) for key, item in value.items())
+    if kind is list:
+        return sum(value_size(item) for item in value)
     if value is None:
         return 1
     if isinstance(value, bool):  # before int: bool is an int subclass

@@ -14,12 +14,13 @@ when polars is loaded, and glibc's cap holds only for arenas not yet made.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
+
+from worker.libc import libc
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter
 MALLOC_ARENAS = 2
@@ -30,20 +31,9 @@ POLARS_ALLOCATOR_SETTINGS = "_RJEM_MALLOC_CONF"  # jemalloc's MALLOC_CONF, as po
 def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     """Cap glibc's malloc arenas for this process (like ``MALLOC_ARENA_MAX``); False when not glibc."""
     try:
-        return bool(_libc().mallopt(M_ARENA_MAX, arenas))
+        return bool(libc().mallopt(M_ARENA_MAX, arenas))
     except (OSError, AttributeError):
         return False
-
-
-def _libc() -> ctypes.CDLL:
-    """The C library by its glibc name; elsewhere as ``ctypes.util`` finds it (an ``ldconfig`` run and
-    ~10 ms of imports, so not on glibc, where every worker command starts here)."""
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        from ctypes.util import find_library
-
-        return ctypes.CDLL(find_library("c"))
 
 
 def limit_polars_arenas(arenas: int = POLARS_ARENAS) -> bool:
