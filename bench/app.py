@@ -1,6 +1,6 @@
 """Benchmark: the app path (users, files, filters) against a plain WriteBatch loop, and SFTP blob copies.
 
-    python -m bench.app --users 2000
+    python -m bench.app --users 8000
 
 In one run, on a throw-away PostgreSQL Django DB (``demo.app_data``), Google's Firestore emulator and a
 loopback sshd, all started here and removed afterwards:
@@ -327,7 +327,7 @@ def run_all(args: argparse.Namespace, work: Path, url: str) -> tuple[list[AssetF
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--users", type=int, default=2000)
+    parser.add_argument("--users", type=int, default=8000)
     parser.add_argument("--small-files", type=int, default=20, help="SFTP: this many files of --small-mb")
     parser.add_argument("--small-mb", type=int, default=10)
     parser.add_argument("--large-mb", type=int, default=200, help="SFTP: one file of this size (RSS measured)")

@@ -86,9 +86,11 @@ def _inside(real: str, root: str) -> bool:
 
 
 class LocalMediaSource:
-    """Files in a local folder. Every component of the resolved path is opened relative to its parent with
-    ``O_NOFOLLOW``, so a symlink swapped in after the check is refused instead of followed. Holds nothing
-    between files: several threads may open files at once (``concurrent_opens``)."""
+    """Files in a local folder. The resolved path's directory is opened beneath the root in one ``openat2``
+    call that follows no symlink (or, where that fails, component by component relative to its parent with
+    ``O_NOFOLLOW``), and the file relative to it with ``O_NOFOLLOW``, so a symlink swapped in after the check
+    is refused instead of followed. Holds nothing between files: several threads may open files at once
+    (``concurrent_opens``)."""
 
     concurrent_opens: ClassVar[bool] = True
 
