@@ -42,8 +42,6 @@ from worker.firestore_size import (
     MAX_DOCUMENT_BYTES,
     document_size,
     name_size,
-    string_size,
-    value_size,
 )
 from worker.rules import INT64, INVALID_VALUE, Quarantined, clean_text, coerce_datetime, content_hash, remove_nul
 
@@ -108,12 +106,13 @@ def shard_number(key: str) -> int:
 # --- values Firestore refuses ----------------------------------------------------------------
 
 
-def _is_text(value: str) -> bool:
+def _text_size(value: str) -> int | None:
+    """A string's storage size (``firestore_size.string_size``), encoded once; None when it is not Unicode
+    text (a lone surrogate), which Firestore cannot store."""
     try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate: not Unicode text, Firestore cannot store it
-        return False
-    return True
+        return len(value.encode("utf-8")) + 1
+    except UnicodeEncodeError:
+        return None
 
 
 class _Refused(Exception):
@@ -124,14 +123,16 @@ class _Refused(Exception):
         self.phrase = phrase
 
 
-def _key_problem(key: Any) -> str | None:
+def _key_size(key: Any) -> int:
+    """A map key's storage size, or :class:`_Refused`: empty or not text, not Unicode, ``__name__``."""
     if not isinstance(key, str) or not key:
-        return "holds an empty or non-text key"
-    if not _is_text(key):
-        return "holds a key that is not valid Unicode"
+        raise _Refused("holds an empty or non-text key")
+    size = _text_size(key)
+    if size is None:
+        raise _Refused("holds a key that is not valid Unicode")
     if key[:2] == "__" and _RESERVED_KEY.fullmatch(key):
-        return "holds a reserved key of the form __name__"
-    return None
+        raise _Refused("holds a reserved key of the form __name__")
+    return size
 
 
 def _checked_size(value: Any, depth: int) -> int:
@@ -139,65 +140,42 @@ def _checked_size(value: Any, depth: int) -> int:
     first thing Firestore refuses in it, in one walk: depth past 20; in a map, key by key (an empty,
     non-text, non-Unicode or ``__name__`` key, then its value); in an array, item by item (an array
     directly inside it, then the item); text that is not Unicode, an integer outside int64, any other
-    type."""
+    type. Leaves are tested first: most values are, and none of their tests is an ABC's."""
     if depth > MAX_FIELD_DEPTH:
         raise _Refused(f"nests deeper than {MAX_FIELD_DEPTH} levels")
-    # The exact types JSON and the transforms give, first, each encoded once; subclasses and the rest below.
-    kind = type(value)
-    if kind is str:
-        try:
-            return len(value.encode("utf-8")) + 1  # = string_size: valid Unicode encodes the same either way
-        except UnicodeEncodeError:
-            raise _Refused("holds text that is not valid Unicode") from None
-    if kind is int:
+    if isinstance(value, str):
+        size = _text_size(value)
+        if size is None:
+            raise _Refused("holds text that is not valid Unicode")
+        return size
+    if value is None or isinstance(value, bool):  # before int: bool is an int subclass
+        return 1
+    if isinstance(value, int):
         if not INT64[0] <= value <= INT64[1]:
             raise _Refused("holds an integer outside the 64-bit range")
         return 8
-    if kind is float or kind is datetime:
+    if isinstance(value, (float, datetime)):
         return 8
-    if value is None or kind is bool:
-        return 1
     if isinstance(value, Mapping):
         size = 0
         for key, item in value.items():
-            if type(key) is str and key and key[:2] != "__":  # the common key: only its encoding to check
-                try:
-                    size += len(key.encode("utf-8")) + 1
-                except UnicodeEncodeError:
-                    raise _Refused("holds a key that is not valid Unicode") from None
-            else:
-                problem = _key_problem(key)
-                if problem is not None:
-                    raise _Refused(problem)
-                size += string_size(key)
-            size += _checked_size(item, depth + 1)
+            size += _key_size(key) + _checked_size(item, depth + 1)
         return size
-    if isinstance(value, list | tuple):
+    if isinstance(value, (list, tuple)):
         size = 0
         for item in value:
-            if isinstance(item, list | tuple):
+            if isinstance(item, (list, tuple)):
                 raise _Refused("holds an array inside an array")
             size += _checked_size(item, depth + 1)
         return size
-    if isinstance(value, str):
-        if not _is_text(value):
-            raise _Refused("holds text that is not valid Unicode")
-    elif isinstance(value, int) and not isinstance(value, bool):
-        if not INT64[0] <= value <= INT64[1]:
-            raise _Refused("holds an integer outside the 64-bit range")
-    elif not (value is None or isinstance(value, bool | float | datetime)):
-        raise _Refused("holds a value of a type Firestore cannot store")
-    return value_size(value)
+    raise _Refused("holds a value of a type Firestore cannot store")
 
 
 def _field_name_size(name: Any) -> int | None:
     """A top-level field name's storage size, or None when Firestore refuses it as a name."""
     if not isinstance(name, str) or not name or (name[:2] == "__" and _RESERVED_KEY.fullmatch(name)):
         return None
-    try:
-        return len(name.encode("utf-8")) + 1  # = string_size: valid Unicode encodes the same either way
-    except UnicodeEncodeError:
-        return None
+    return _text_size(name)
 
 
 def firestore_value_problem(document: Mapping[str, Any], path: str) -> str | None:

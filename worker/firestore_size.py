@@ -43,27 +43,14 @@ def name_size(path: str) -> int:
 
 def value_size(value: Any) -> int:
     """The size of one field value; ``TypeError`` for a type Firestore cannot store."""
-    kind = type(value)  # the exact types documents are made of, first (one look-up each)
-    if kind is str:
-        return len(value.encode("utf-8", "surrogatepass")) + 1
-    if kind is int or kind is float or kind is datetime:
-        return 8
-    if kind is dict:
-        return sum(string_size(str(key)) + value_size(item) for key, item in value.items())
-    if kind is list:
-        return sum(value_size(item) for item in value)
-    if value is None:
-        return 1
-    if isinstance(value, bool):  # before int: bool is an int subclass
-        return 1
-    if isinstance(value, int | float):
-        return 8
-    if isinstance(value, str):
+    if isinstance(value, str):  # the leaves documents are made of first: one test each, no ABC
         return string_size(value)
+    if value is None or isinstance(value, bool):  # before int: bool is an int subclass
+        return 1
+    if isinstance(value, (int, float, datetime, date, time)):
+        return 8
     if isinstance(value, bytes | bytearray | memoryview):
         return len(value)
-    if isinstance(value, datetime | date | time):
-        return 8
     if isinstance(value, Mapping):
         return sum(string_size(str(key)) + value_size(item) for key, item in value.items())
     if isinstance(value, list | tuple):
