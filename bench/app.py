@@ -11,7 +11,8 @@ loopback sshd, all started here and removed afterwards:
    same emulator (the "raw loop"), once just before and once just after the migration, and the ratio to
    their mean. A warm-up pass (every entity migrated once into a project of its own, whose documents
    the raw loops commit) comes first: the emulator's JVM runs what it has not done yet slower, and
-   the side measured first would pay for it;
+   the side measured first would pay for it. Beside each side's time, the CPU seconds it cost this
+   process (the client, every thread) and the emulator (its JVM): where a ratio comes from;
 2. MB/s of ``copy_blob(SFTPMediaSource, ...)`` into a local ``BlobStore`` beside a plain paramiko
    ``SFTPClient.get`` of the same files (N × 10 MB + one 200 MB), interleaved file by file;
 3. the peak RSS growth of this process while ``copy_blob`` copies the 200 MB file over SFTP (and, for
@@ -64,12 +65,54 @@ TARGET_SFTP = 0.7
 
 
 @dataclass(frozen=True)
+class CPU:
+    """CPU seconds (user + system) spent by this process (the client side, every thread) and by the
+    emulator (its JVM and any process under it) over one measured step."""
+
+    here: float
+    emulator: float
+
+    def __sub__(self, other: CPU) -> CPU:
+        return CPU(self.here - other.here, self.emulator - other.emulator)
+
+    def __add__(self, other: CPU) -> CPU:
+        return CPU(self.here + other.here, self.emulator + other.emulator)
+
+    def half(self) -> CPU:
+        return CPU(self.here / 2, self.emulator / 2)
+
+
+def emulator_processes(host: str) -> list[psutil.Process]:
+    """The process listening on the emulator's port and every process under it (none when not found)."""
+    port = int(host.rsplit(":", 1)[1])
+    for connection in psutil.net_connections(kind="tcp"):
+        if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port and connection.pid:
+            listener = psutil.Process(connection.pid)
+            return [listener, *listener.children(recursive=True)]
+    return []
+
+
+def cpu_now(emulator: list[psutil.Process]) -> CPU:
+    here = psutil.Process().cpu_times()
+    spent = 0.0
+    for process in emulator:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:  # gone: its time is lost with it, which the emulator's JVM never is
+            continue
+        spent += times.user + times.system
+    return CPU(here.user + here.system, spent)
+
+
+@dataclass(frozen=True)
 class AssetFigures:
     entity: str
     read: int
     written: int
     seconds: float  # AppMigration, summed over the 16 shards
     raw_seconds: tuple[float, float]  # the raw loop before and after the migration
+    cpu: CPU  # CPU seconds of this process and of the emulator during the migration
+    raw_cpu: CPU  # the same for the raw loop: the mean of its two runs
 
     @property
     def raw_rate(self) -> float:
@@ -157,11 +200,17 @@ def bench_assets(django: Engine, host: str, media_root: Path, blob_root: Path) -
         assert len(documents[entity]) == written, (entity, len(documents[entity]), written)
         print(f"  warm-up pass, {entity}: {written} documents in {seconds:.2f} s", flush=True)
     blobs = BlobStore(str(blob_root / "measured"))
+    emulator = emulator_processes(host)
     rows: list[AssetFigures] = []
     for entity in ENTITIES:
+        start = cpu_now(emulator)
         before = raw_loop(client, f"raw_before_{entity}", documents[entity])
+        between = cpu_now(emulator)
         read, written, seconds = migrate_entity(entity, "bench", django, resource, media_root, blobs)
+        migrated = cpu_now(emulator)
         after = raw_loop(client, f"raw_after_{entity}", documents[entity])
+        end = cpu_now(emulator)
+        raw_cpu = ((between - start) + (end - migrated)).half()
         assert written == len(documents[entity]) == count(client, entity), entity
         assert count(client, f"raw_before_{entity}") == count(client, f"raw_after_{entity}") == written, entity
         print(
@@ -169,7 +218,7 @@ def bench_assets(django: Engine, host: str, media_root: Path, blob_root: Path) -
             f"AppMigration {seconds:.2f} s, raw loop {after:.2f} s",
             flush=True,
         )
-        rows.append(AssetFigures(entity, read, written, seconds, (before, after)))
+        rows.append(AssetFigures(entity, read, written, seconds, (before, after), migrated - between, raw_cpu))
     return rows
 
 
@@ -371,6 +420,15 @@ def main() -> None:
         f"| peak RSS growth, {args.large_mb} MB file over SFTP (MB) | {sftp['rss']['copy_blob'] / MB:,.1f} "
         f"| {sftp['rss']['get'] / MB:,.1f} | | |"
     )
+    print()
+    print("| CPU seconds (user + system) | AppMigration: this process | emulator | raw loop: this process | emulator |")
+    print("|---|---:|---:|---:|---:|")
+    for figures in assets:
+        spent, loop = figures.cpu, figures.raw_cpu
+        print(
+            f"| `{figures.entity}` ({figures.seconds:.2f} s vs {sum(figures.raw_seconds) / 2:.2f} s) "
+            f"| {spent.here:.2f} | {spent.emulator:.2f} | {loop.here:.2f} | {loop.emulator:.2f} |"
+        )
     print(f"\nwall time {time.perf_counter() - wall:.1f} s")
 
 
