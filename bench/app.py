@@ -201,6 +201,8 @@ def bench_assets(django: Engine, host: str, media_root: Path, blob_root: Path) -
         print(f"  warm-up pass, {entity}: {written} documents in {seconds:.2f} s", flush=True)
     blobs = BlobStore(str(blob_root / "measured"))
     emulator = emulator_processes(host)
+    if not emulator:
+        print("  (the emulator's process was not found: its CPU seconds below are 0)", flush=True)
     rows: list[AssetFigures] = []
     for entity in ENTITIES:
         start = cpu_now(emulator)
