@@ -21,6 +21,7 @@ import os
 import posixpath
 import re
 import stat
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, NoReturn, Protocol, cast, runtime_checkable
@@ -241,13 +242,13 @@ class SFTPMediaSource:
     Use as a context manager (or call :meth:`close`). Not thread-safe: one file at a time per source (a
     read-ahead thread of the caller's is fine, as long as one thread reads at a time).
 
-    Throughput: each file is read pipelined (paramiko's prefetch, as ``SFTPClient.get`` does), with 128 KiB
-    READs on OpenSSH 9.0+ (see :func:`read_request_bytes`; ``request_bytes`` overrides), channel packets that
-    hold a whole reply, and a 4 MiB SSH window. Memory stays flat whatever the file size: replies are taken off
-    the channel only as the caller reads, so at most the window is buffered (plus paramiko's bookkeeping,
-    ~150 bytes per outstanding request). A file left before its end (an error in the caller) drops the SFTP
-    session — its unread replies would otherwise pile up — and the next file opens a new one on the same SSH
-    connection.
+    Throughput: each file is read pipelined (paramiko's prefetch, as ``SFTPClient.get`` does, a window of
+    ``PREFETCH_WINDOW`` bytes at a time: see :class:`_SFTPReader`), with 128 KiB READs on OpenSSH 9.0+ (see
+    :func:`read_request_bytes`; ``request_bytes`` overrides), channel packets that hold a whole reply, and a
+    4 MiB SSH window. Memory stays flat whatever the file size: replies are taken off the channel only as the
+    caller reads, so at most the SSH window is buffered (plus paramiko's bookkeeping, ~150 bytes per
+    outstanding request). A file left before its end (an error in the caller) drops the SFTP session — its
+    unread replies would otherwise pile up — and the next file opens a new one on the same SSH connection.
 
     ``sftp_server``: for a host whose sshd has no ``sftp`` subsystem, the path of an ``sftp-server`` binary on the
     host to run over an exec channel instead (e.g. ``/usr/lib/openssh/sftp-server``); ``None`` uses the subsystem.
@@ -439,9 +440,8 @@ class SFTPMediaSource:
         except OSError as problem:
             raise self._remote_problem(problem) from None
         remote.MAX_REQUEST_SIZE = self._request  # instance attribute: what prefetch and read ask per request
-        remote.prefetch(size)
         try:
-            yield cast(BinaryIO, _SFTPReader(remote))
+            yield cast(BinaryIO, _SFTPReader(remote, size, self.timeout_seconds))
         except (paramiko.SSHException, EOFError, TimeoutError) as problem:
             self._drop_session()
             raise _connection_error(problem) from None
@@ -461,16 +461,46 @@ class SFTPMediaSource:
             self._drop_session()
 
 
-class _SFTPReader(io.RawIOBase):
-    """``read(n)`` as one join of prefetched replies. paramiko's own ``read(n)`` for a large ``n`` appends
-    each reply to a bytes buffer, copying it again and again (quadratic in n / 32 KiB)."""
+PREFETCH_WINDOW = 16 * 1024 * 1024  # bytes of a file requested ahead of its reader at most
+_REQUEST_THREAD = "(_prefetch_thread)"  # how CPython names paramiko's prefetch thread: Thread-N (its target)
 
-    def __init__(self, remote: paramiko.SFTPFile) -> None:
+
+def _request_threads() -> set[threading.Thread]:
+    return {thread for thread in threading.enumerate() if thread.name.endswith(_REQUEST_THREAD)}
+
+
+class _SFTPReader(io.RawIOBase):
+    """A remote file read pipelined, a window at a time.
+
+    ``read(n)`` is one join of prefetched replies (paramiko's own ``read(n)`` for a large ``n`` appends each
+    reply to a bytes buffer, copying it again and again: quadratic in n / 32 KiB).
+
+    paramiko sends a prefetch's READ requests from a thread of its own, and takes its prefetch for done
+    once every request sent so far is answered. A reader that catches up with a lagging request thread
+    (a loaded machine) makes paramiko read the rest of the file one request at a time, while the replies
+    to the requests that thread goes on sending stay in memory until the file is closed (paramiko#2418):
+    a whole file in memory. So each window of ``PREFETCH_WINDOW`` bytes is prefetched on its own, and read
+    only once its requests are all sent (the request thread has ended); the next window is prefetched
+    when the reader reaches it. A window's requests fit in any SSH window, so sending them never waits on
+    the reader."""
+
+    def __init__(self, remote: paramiko.SFTPFile, size: int, timeout_seconds: float) -> None:
         super().__init__()
         self._remote = remote
+        self._size = size
+        self._timeout = timeout_seconds
+        self._requested = 0  # the end of the windows prefetched so far
 
     def readable(self) -> bool:
         return True
+
+    def _prefetch_next_window(self) -> None:
+        end = min(self._size, self._requested + PREFETCH_WINDOW)
+        before = _request_threads()
+        self._remote.prefetch(end)  # from the current position to ``end``
+        for thread in _request_threads() - before:
+            thread.join(self._timeout)
+        self._requested = end
 
     def read(self, size: int | None = -1) -> bytes:
         if size is None or size < 0:
@@ -478,7 +508,13 @@ class _SFTPReader(io.RawIOBase):
         pieces: list[bytes] = []
         remaining = size
         while remaining > 0:
-            piece = self._remote.read(min(remaining, self._remote.MAX_REQUEST_SIZE))
+            position = self._remote.tell()
+            if position >= self._requested and self._requested < self._size:
+                self._prefetch_next_window()
+            # never past the window's end (paramiko would stop prefetching there); past the size the file
+            # had when opened (it grew), one request at a time
+            ahead = self._requested - position if position < self._requested else self._remote.MAX_REQUEST_SIZE
+            piece = self._remote.read(min(remaining, self._remote.MAX_REQUEST_SIZE, ahead))
             if not piece:
                 break
             pieces.append(piece)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import paramiko
 import psutil
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
@@ -663,3 +664,43 @@ def test_200_mb_over_sftp_with_flat_memory(sshd: SSHServer, tmp_path: Path) -> N
     )
     assert memory.growth < 40 * MiB, f"RSS grew by {memory.growth / MiB:.1f} MiB copying 200 MiB"
     assert abandoned.growth < 40 * MiB, f"RSS grew by {abandoned.growth / MiB:.1f} MiB after an abandoned read"
+
+
+@integration
+def test_a_lagging_prefetch_thread_does_not_leave_the_file_in_memory(
+    sshd: SSHServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """paramiko's prefetch race (paramiko#2418): when the reader has taken every reply before paramiko's
+    request thread sends the next request, paramiko stops using its prefetch for the rest of the file, and
+    the replies to the requests it goes on sending stay in memory until the file is closed. A loaded machine
+    does this now and then; here every request thread lags once, for 50 ms after its first request."""
+    real_request = paramiko.SFTPClient._async_request
+    sent = threading.local()
+    lags: list[None] = []
+
+    def lagging(self: paramiko.SFTPClient, *args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread().name.endswith("(_prefetch_thread)"):
+            sent.count = getattr(sent, "count", 0) + 1
+            if sent.count == 2:
+                lags.append(time.sleep(0.05))
+        return real_request(self, *args, **kwargs)
+
+    root = tmp_path / "media"
+    root.mkdir()
+    size = 64 * MiB
+    block = os.urandom(MiB)
+    digest = hashlib.sha256()
+    with (root / "big.bin").open("wb") as out:
+        for index in range(size // MiB):
+            piece = index.to_bytes(8, "big") + block[8:]
+            digest.update(piece)
+            out.write(piece)
+    store = BlobStore(str(tmp_path / "blobs"))
+    with SFTPMediaSource(ssh_resource(sshd), str(root)) as remote:
+        copy_blob(remote, "big.bin", store, "files/1/warm-up", expected_sha256=digest.hexdigest())
+        monkeypatch.setattr(paramiko.SFTPClient, "_async_request", lagging)
+        with PeakRSS() as memory:
+            result = copy_blob(remote, "big.bin", store, KEY, expected_sha256=digest.hexdigest())
+    assert lags, "paramiko's prefetch thread was not found by its name: the lag was never injected"
+    assert (result.size, result.sha256) == (size, digest.hexdigest())
+    assert memory.growth < 32 * MiB, f"RSS grew by {memory.growth / MiB:.1f} MiB copying 64 MiB"
