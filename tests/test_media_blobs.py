@@ -615,20 +615,26 @@ class PeakRSS:
         return self.peak - self.baseline
 
 
+def write_large_file(path: Path, size: int) -> str:
+    """``size`` bytes of incompressible content, each MiB numbered (no two alike), written a MiB at a time;
+    their SHA-256."""
+    digest = hashlib.sha256()
+    block = os.urandom(MiB)
+    with path.open("wb") as out:
+        for index in range(size // MiB):
+            piece = index.to_bytes(8, "big") + block[8:]
+            digest.update(piece)
+            out.write(piece)
+    return digest.hexdigest()
+
+
 @integration
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # see the test above
 def test_200_mb_over_sftp_with_flat_memory(sshd: SSHServer, tmp_path: Path) -> None:
     root = tmp_path / "media"
     root.mkdir()
     size = 200 * MiB
-    digest = hashlib.sha256()
-    block = os.urandom(MiB)
-    with (root / "big.bin").open("wb") as out:
-        for index in range(size // MiB):
-            piece = index.to_bytes(8, "big") + block[8:]
-            digest.update(piece)
-            out.write(piece)
-    expected = digest.hexdigest()
+    expected = write_large_file(root / "big.bin", size)
     store = BlobStore(str(tmp_path / "blobs"))
     ssh = ssh_resource(sshd)
 
@@ -688,19 +694,13 @@ def test_a_lagging_prefetch_thread_does_not_leave_the_file_in_memory(
     root = tmp_path / "media"
     root.mkdir()
     size = 64 * MiB
-    block = os.urandom(MiB)
-    digest = hashlib.sha256()
-    with (root / "big.bin").open("wb") as out:
-        for index in range(size // MiB):
-            piece = index.to_bytes(8, "big") + block[8:]
-            digest.update(piece)
-            out.write(piece)
+    expected = write_large_file(root / "big.bin", size)
     store = BlobStore(str(tmp_path / "blobs"))
     with SFTPMediaSource(ssh_resource(sshd), str(root)) as remote:
-        copy_blob(remote, "big.bin", store, "files/1/warm-up", expected_sha256=digest.hexdigest())
+        copy_blob(remote, "big.bin", store, "files/1/warm-up", expected_sha256=expected)
         monkeypatch.setattr(paramiko.SFTPClient, "_async_request", lagging)
         with PeakRSS() as memory:
-            result = copy_blob(remote, "big.bin", store, KEY, expected_sha256=digest.hexdigest())
+            result = copy_blob(remote, "big.bin", store, KEY, expected_sha256=expected)
     assert lags, "paramiko's prefetch thread was not found by its name: the lag was never injected"
-    assert (result.size, result.sha256) == (size, digest.hexdigest())
+    assert (result.size, result.sha256) == (size, expected)
     assert memory.growth < 32 * MiB, f"RSS grew by {memory.growth / MiB:.1f} MiB copying 64 MiB"
