@@ -75,11 +75,9 @@ class CPU:
     def __sub__(self, other: CPU) -> CPU:
         return CPU(self.here - other.here, self.emulator - other.emulator)
 
-    def __add__(self, other: CPU) -> CPU:
-        return CPU(self.here + other.here, self.emulator + other.emulator)
-
-    def half(self) -> CPU:
-        return CPU(self.here / 2, self.emulator / 2)
+    @staticmethod
+    def mean(a: CPU, b: CPU) -> CPU:
+        return CPU((a.here + b.here) / 2, (a.emulator + b.emulator) / 2)
 
 
 def emulator_processes(host: str) -> list[psutil.Process]:
@@ -212,7 +210,6 @@ def bench_assets(django: Engine, host: str, media_root: Path, blob_root: Path) -
         migrated = cpu_now(emulator)
         after = raw_loop(client, f"raw_after_{entity}", documents[entity])
         end = cpu_now(emulator)
-        raw_cpu = ((between - start) + (end - migrated)).half()
         assert written == len(documents[entity]) == count(client, entity), entity
         assert count(client, f"raw_before_{entity}") == count(client, f"raw_after_{entity}") == written, entity
         print(
@@ -220,6 +217,7 @@ def bench_assets(django: Engine, host: str, media_root: Path, blob_root: Path) -
             f"AppMigration {seconds:.2f} s, raw loop {after:.2f} s",
             flush=True,
         )
+        raw_cpu = CPU.mean(between - start, end - migrated)
         rows.append(AssetFigures(entity, read, written, seconds, (before, after), migrated - between, raw_cpu))
     return rows
 

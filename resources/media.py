@@ -462,11 +462,11 @@ class SFTPMediaSource:
 
 
 PREFETCH_WINDOW = 16 * 1024 * 1024  # bytes of a file requested ahead of its reader at most
-_REQUEST_THREAD = "(_prefetch_thread)"  # how CPython names paramiko's prefetch thread: Thread-N (its target)
+PREFETCH_THREAD_SUFFIX = "(_prefetch_thread)"  # how CPython names paramiko's prefetch thread: Thread-N (target)
 
 
 def _request_threads() -> set[threading.Thread]:
-    return {thread for thread in threading.enumerate() if thread.name.endswith(_REQUEST_THREAD)}
+    return {thread for thread in threading.enumerate() if thread.name.endswith(PREFETCH_THREAD_SUFFIX)}
 
 
 class _SFTPReader(io.RawIOBase):

@@ -31,6 +31,7 @@ from resources.blobstore import BlobStore, ChecksumMismatch, copy_blob, hash_sou
 from resources.errors import Category, MigrationError
 from resources.media import (
     LARGE_READ,
+    PREFETCH_THREAD_SUFFIX,
     SMALL_READ,
     LocalMediaSource,
     MediaError,
@@ -681,14 +682,15 @@ def test_a_lagging_prefetch_thread_does_not_leave_the_file_in_memory(
     the replies to the requests it goes on sending stay in memory until the file is closed. A loaded machine
     does this now and then; here every request thread lags once, for 50 ms after its first request."""
     real_request = paramiko.SFTPClient._async_request
-    sent = threading.local()
-    lags: list[None] = []
+    sent = threading.local()  # requests sent by this prefetch thread
+    lagged = threading.Event()
 
     def lagging(self: paramiko.SFTPClient, *args: Any, **kwargs: Any) -> Any:
-        if threading.current_thread().name.endswith("(_prefetch_thread)"):
+        if threading.current_thread().name.endswith(PREFETCH_THREAD_SUFFIX):
             sent.count = getattr(sent, "count", 0) + 1
             if sent.count == 2:
-                lags.append(time.sleep(0.05))
+                time.sleep(0.05)
+                lagged.set()
         return real_request(self, *args, **kwargs)
 
     root = tmp_path / "media"
@@ -701,6 +703,6 @@ def test_a_lagging_prefetch_thread_does_not_leave_the_file_in_memory(
         monkeypatch.setattr(paramiko.SFTPClient, "_async_request", lagging)
         with PeakRSS() as memory:
             result = copy_blob(remote, "big.bin", store, KEY, expected_sha256=expected)
-    assert lags, "paramiko's prefetch thread was not found by its name: the lag was never injected"
+    assert lagged.is_set(), "paramiko's prefetch thread was not found by its name: no lag was injected"
     assert (result.size, result.sha256) == (size, expected)
     assert memory.growth < 32 * MiB, f"RSS grew by {memory.growth / MiB:.1f} MiB copying 64 MiB"
