@@ -118,6 +118,35 @@ def test_full_pages_are_ranges_of_the_sistema_index_or_the_primary_key(
     assert f"'range', '{index}'" in plan.replace('"', "'"), plan
 
 
+@pytest.mark.parametrize(("sistema", "index"), [("OTRO", "PRIMARY"), ("CLN01", SISTEMA_INDEX)])
+def test_the_eligible_ids_are_read_along_the_index_the_pages_are(
+    mariadb_url: str, monkeypatch: pytest.MonkeyPatch, sistema: str, index: str
+) -> None:
+    """The mass-delete guard's read of every eligible id: exactly the sistema's rows that are not
+    soft-deleted, after ``after``; read along the primary key for a sistema of most of the table (left
+    to itself, MariaDB reads it by the sistema's index and looks every row up for ``eliminado``)."""
+    engine, rows = _patients(mariadb_url)
+    others = [{"id": i, "sistema": "OTRO", "documento": f"O{i}", "eliminado": 0} for i in range(1_001, 2_001)]
+    with engine.begin() as conn:  # OTRO: 1,000 of 1,300 rows; CLN01: 100
+        conn.execute(insert(schema.sistemas), [{"codigo": "OTRO", "nombre": "O", "activo": 1}])
+        conn.execute(insert(schema.pacientes), others)
+        conn.execute(text("UPDATE pacientes SET eliminado = 1 WHERE MOD(id, 5) = 0"))
+    queries: list[str] = []
+    frame = LegacyReader.frame
+
+    def seen(self: LegacyReader, query: object, *args: object) -> pl.DataFrame:
+        queries.append(str(query.compile(engine, compile_kwargs={"literal_binds": True})))  # type: ignore[attr-defined]
+        return frame(self, query, *args)
+
+    monkeypatch.setattr(LegacyReader, "frame", seen)
+    with engine.connect() as conn:  # type: ignore[attr-defined]
+        ids = LegacyReader(engine, "patients", sistema, None).eligible_ids(150, conn)["id"].to_list()
+        plan = " ".join(str(row) for row in conn.exec_driver_sql("EXPLAIN " + queries[-1]).all())
+    expected = [r["id"] for r in [*rows, *others] if r["sistema"] == sistema and r["id"] > 150 and r["id"] % 5]
+    assert sorted(ids) == expected
+    assert f"'{index}'" in plan.replace('"', "'") and "'ref'" not in plan.replace('"', "'"), plan
+
+
 def test_the_sistema_share_is_estimated_without_reading_the_rows(mariadb_url: str) -> None:
     """The share is MariaDB's estimate (InnoDB caps an index range at half the table): a sistema of
     a quarter of the table or more is paged by the primary key."""

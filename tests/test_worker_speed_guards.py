@@ -11,6 +11,7 @@ from sqlalchemy import BigInteger, Column, MetaData, Table, Text, insert, select
 from worker import batch, schema, store
 
 HOSTILE = [None, "", " ", '"', '""', ",", "a,b", 'x,"y"', "\\N", "\\", "line\nbreak", "cr\r\nlf", "{", "}", "ñ€😀", "'"]
+HOSTILE += ["NA", "NULL", "null", "nan", "N/A", "#N/A"]  # what CSV readers take for NULL by default
 
 
 def test_python_whitespace_is_spelled_out_exactly() -> None:

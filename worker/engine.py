@@ -238,7 +238,7 @@ class Migration:
         p = self.params
         if p.allow_mass_delete:
             return
-        t, s = self.table, self.source
+        t = self.table
         migrated = target.scalar(select(func.count()).select_from(t).where(t.c.sistema == p.sistema)) or 0
         self.delete_budget = int(migrated * p.max_delete_share)
         if migrated == 0:
@@ -248,11 +248,7 @@ class Migration:
             select(t.c.legacy_id).where(t.c.sistema == p.sistema, t.c.legacy_id > after),
             {"legacy_id": pl.Int64},
         )
-        theirs = LegacyReader(self.legacy, p.entity, p.sistema, p.batch_size).frame(
-            select(s.c.id).where(s.c.sistema == p.sistema, s.c.eliminado == 0, s.c.id > after),
-            {"id": pl.Int64},
-            source,
-        )
+        theirs = LegacyReader(self.legacy, p.entity, p.sistema, p.batch_size).eligible_ids(after, source)
         gone = ours.filter(~pl.col("legacy_id").is_in(theirs["id"].implode())).height
         source.rollback()
         target.rollback()
