@@ -4,6 +4,7 @@ it, not the whole sistema per page), incremental pages and the source watermark 
 
 from __future__ import annotations
 
+import threading
 from datetime import datetime
 from itertools import pairwise
 
@@ -222,3 +223,17 @@ def test_few_changed_rows_are_read_through_the_driver_into_the_same_frames(maria
     assert len(pages) == len(expected) > 2
     for got, want in zip(pages, expected, strict=True):
         assert got.schema == want.schema and got.equals(want)
+
+
+def test_the_pages_of_a_run_that_changes_nothing_are_twice_as_long(mariadb_url: str, monkeypatch) -> None:
+    """While the consumer says its pages change nothing (``quiet``), pages sized by memory are twice
+    as long as the budget makes them, up to its longest; every row is still read once, in id order."""
+    engine, rows = _patients(mariadb_url)
+    monkeypatch.setattr(source, "MIGRATION_PAGES", source.PageBudget(bytes=2_000, min_rows=3, max_rows=60))
+    quiet = threading.Event()
+    quiet.set()
+    pages = [frame for frame, _ in LegacyReader(engine, "patients", "HSJ", None).pages(-1, quiet=quiet)]
+    assert [int(i) for frame in pages for i in frame["id"]] == [r["id"] for r in rows if r["sistema"] == "HSJ"]
+    sizes = [frame.height for frame in pages]
+    for before, page in pairwise(pages[:-1]):
+        assert page.height == min(60, 2 * source.next_page_rows(before)) > source.next_page_rows(before), sizes

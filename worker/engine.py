@@ -14,6 +14,7 @@ rows whose source is gone, soft-deleted or now quarantined are deleted as the ru
 from __future__ import annotations
 
 import resource
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -293,13 +294,19 @@ class Migration:
                 prepare = self._rules_of_page
             elif self.target.dialect.name == "postgresql":
                 lookups = helpers.enter_context(self.target.connect())
+                store.prefer_index_lookups(lookups)
                 prepare = lambda rows: self._rules_of_page(rows, lookups)  # noqa: E731
             # Closed before the look-up connection, even when a batch fails: the reader thread
             # is done with it by then.
-            pages = helpers.enter_context(closing(reader.pages(after, since, prepare)))
+            quiet = threading.Event()  # the last batch changed nothing: longer pages (LegacyReader.pages)
+            pages = helpers.enter_context(closing(reader.pages(after, since, prepare, quiet)))
             for rows, ruled in pages:
                 hi = int(rows["id"][-1])
                 wrote = self._apply_batch(target, state, rows, mode, lo, hi, counts, ruled)
+                if wrote:
+                    quiet.clear()
+                else:
+                    quiet.set()
                 self._refuse_mass_delete(counts.deleted - deleted_before)
                 lo = hi
                 # A batch that wrote nothing (a re-run's) is checkpointed every few seconds, not
