@@ -27,7 +27,7 @@ from resources.ssh import SSHResource
 from resources.worker import WorkerResource
 from worker import engine as engine_module
 from worker import locks, schema
-from worker.engine import Migration
+from worker.engine import MassDeleteRefused, Migration
 from worker.locks import PartitionBusy
 from worker.params import RunParameters
 
@@ -370,6 +370,42 @@ def test_one_worker_per_entity_and_sistema_at_a_time(mariadb_url: str, postgres_
         other = Migration(replace(params, entity="encounters", run_id="third"), legacy, target, lock_wait_seconds=0.5)
         assert other.run().counts.read > 0  # another entity is not blocked
     assert Migration(replace(params, run_id="fourth"), legacy, target).run().counts.inserted > 0
+
+
+def test_a_mass_delete_verdict_that_comes_late_still_leaves_nothing_behind(
+    mariadb_url: str, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guard reads every id on a thread of its own while the run decides its first batches; the run
+    commits nothing before the verdict. Here the verdict (a fifth of the partition is gone) comes after
+    batches that would have committed updates: they are rolled back with the rest."""
+    legacy, target = schema.make_engine(mariadb_url), schema.make_engine(postgres_url)
+    generate(legacy, patients_per_sistema=60, sistemas=("HSJ",))
+    params = RunParameters(entity="patients", sistema="HSJ", usuario="ana", run_id="first", batch_size=5)
+    assert Migration(params, legacy, target).run().counts.inserted > 20
+    before = _rows(target)
+    p = schema.pacientes
+    with legacy.begin() as conn:  # every row changed, the highest fifth gone
+        conn.execute(update(p).values(nombres=func.concat(func.coalesce(p.c.nombres, ""), " B")))
+        top = conn.scalar(select(func.max(p.c.id)))
+        conn.execute(p.delete().where(p.c.id > top - 12))
+    slow = Migration._guard_mass_delete
+
+    def late(self: Migration, *args: Any) -> None:
+        time.sleep(2.0)  # the run has decided (and would have committed) several batches by now
+        slow(self, *args)
+
+    monkeypatch.setattr(Migration, "_guard_mass_delete", late)
+    second = Migration(replace(params, run_id="second"), legacy, target)
+    with pytest.raises(MassDeleteRefused, match="would delete"):
+        second.run()
+    assert _rows(target) == before
+    with target.connect() as conn:
+        assert conn.scalar(select(func.count()).where(schema.ledger.c.run_id == "second")) == 0
+
+
+def _rows(engine: Engine) -> list[tuple[Any, ...]]:
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(select(schema.patients).order_by(schema.patients.c.id))]
 
 
 def test_the_encounters_patient_lookups_are_priced_as_index_lookups(

@@ -18,6 +18,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -172,7 +173,9 @@ class Migration:
         self.lock_wait_seconds = lock_wait_seconds
         self.source = SOURCES[params.entity]
         self.table = schema.TARGETS[params.entity]
-        self.delete_budget: int | None = None  # deletions this full run may make; None: unlimited
+        self.delete_budget: int | None = None  # deletions this full run may make; None: unlimited (or not yet known)
+        self._guarding: Future[None] | None = None  # the mass-delete guard, while it runs beside the run
+        self._deletions: tuple[Counts, int] = (Counts(), 0)  # the run's counts, and their deletions before it
         self.book = RunBook(
             entity=params.entity,
             partition_key=params.sistema,
@@ -217,7 +220,7 @@ class Migration:
             self.book.record_start(state, mode, resumed_from)
             try:
                 if mode == "full":
-                    self._guard_mass_delete(source, target, after)
+                    self._guard_beside(stack, source, target, after)
                 self._migrate(source, target, state, mode, since, after, counts, watermark)
                 if p.dry_run:
                     target.rollback()
@@ -227,6 +230,34 @@ class Migration:
                 raise
             self.book.record_end(state, "succeeded", counts.as_dict(), watermark, self.state.begin)
         return Result(counts, mode, resumed_from, watermark, time.monotonic() - started, counts.read - read_before)
+
+    def _guard_beside(self, stack: ExitStack, source: Connection, target: Connection, after: int) -> None:
+        """The mass-delete guard (:meth:`_guard_mass_delete`), on PostgreSQL on a thread and connections of
+        its own while the run reads and decides its first batches: its verdict is awaited before the run
+        commits anything (:meth:`_await_guard`), so a refused run still leaves nothing behind. It reads
+        every id of the partition on both sides: 0.3–0.5 s of a 3.5 s unchanged re-run of 480k rows,
+        which the run no longer waits for. Elsewhere (SQLite, the demo's) in line, on the run's connections."""
+        if self.target.dialect.name != "postgresql":
+            self._guard_mass_delete(source, target, after)
+            return
+
+        def guard() -> None:
+            with self.target.connect() as own_target, self.legacy.connect() as own_source:
+                self._guard_mass_delete(own_source, own_target, after)
+
+        beside = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="mass-delete-guard"))
+        self._guarding = beside.submit(guard)
+
+    def _await_guard(self) -> None:
+        """The guard's verdict, once: raises :class:`MassDeleteRefused` (or what the guard met) before the
+        run's first commit; then the deletions made meanwhile, unchecked until the budget was known, are
+        held to it."""
+        if self._guarding is None:
+            return
+        guarding, self._guarding = self._guarding, None
+        guarding.result()
+        counts, before = self._deletions
+        self._refuse_mass_delete(counts.deleted - before)
 
     def _guard_mass_delete(self, source: Connection, target: Connection, after: int) -> None:
         """Stop a full run that would delete more than ``max_delete_share`` of the partition's
@@ -280,6 +311,7 @@ class Migration:
     ) -> None:
         read_before = counts.read
         deleted_before = counts.deleted
+        self._deletions = (counts, deleted_before)
         last_report = checkpointed = time.monotonic()
         lo = after
         next_analyze = ANALYZE_FIRST
@@ -348,6 +380,7 @@ class Migration:
         self._commit(target, state)
 
     def _commit(self, target: Connection, state: Connection) -> None:
+        self._await_guard()
         if self.params.dry_run:
             return
         target.commit()
