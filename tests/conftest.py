@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,6 +28,13 @@ MARIADB_ADMIN = os.getenv("TEST_MARIADB_URL", databases.MARIADB_ADMIN)
 POSTGRES_ADMIN = os.getenv("TEST_POSTGRES_URL", databases.POSTGRES_ADMIN)
 WORKER_COMMAND = str(Path(sys.executable).with_name("clinic-migrate"))
 IN_CI = os.getenv("CI", "").lower() == "true"
+
+
+def patients_snapshot(engine: Any) -> str:
+    """A digest of every target patient row as it stands (to show a run changed nothing)."""
+    digest = "SELECT md5(string_agg(t::text, ',' ORDER BY id)) FROM clinical.patients t"
+    with engine.connect() as conn:
+        return str(conn.exec_driver_sql(digest).scalar())
 
 
 def unavailable(what: str) -> None:

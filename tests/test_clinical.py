@@ -31,7 +31,7 @@ from worker.engine import MassDeleteRefused, Migration
 from worker.locks import PartitionBusy
 from worker.params import RunParameters
 
-from .conftest import WORKER_COMMAND
+from .conftest import WORKER_COMMAND, patients_snapshot
 
 pytestmark = pytest.mark.integration
 SISTEMAS = ("HSJ", "CLN01")
@@ -382,7 +382,7 @@ def test_a_mass_delete_verdict_that_comes_late_still_leaves_nothing_behind(
     generate(legacy, patients_per_sistema=60, sistemas=("HSJ",))
     params = RunParameters(entity="patients", sistema="HSJ", usuario="ana", run_id="first", batch_size=5)
     assert Migration(params, legacy, target).run().counts.inserted > 20
-    before = _rows(target)
+    before = patients_snapshot(target)
     p = schema.pacientes
     with legacy.begin() as conn:  # every row changed, the highest fifth gone
         conn.execute(update(p).values(nombres=func.concat(func.coalesce(p.c.nombres, ""), " B")))
@@ -401,14 +401,9 @@ def test_a_mass_delete_verdict_that_comes_late_still_leaves_nothing_behind(
     second = Migration(replace(params, run_id="second"), legacy, target)
     with pytest.raises(MassDeleteRefused, match=f"would delete {gone} patients of sistema HSJ"):
         second.run()
-    assert _rows(target) == before
+    assert patients_snapshot(target) == before
     with target.connect() as conn:
         assert conn.scalar(select(func.count()).where(schema.ledger.c.run_id == "second")) == 0
-
-
-def _rows(engine: Engine) -> list[tuple[Any, ...]]:
-    with engine.connect() as conn:
-        return [tuple(r) for r in conn.execute(select(schema.patients).order_by(schema.patients.c.id))]
 
 
 def test_the_encounters_patient_lookups_are_priced_as_index_lookups(

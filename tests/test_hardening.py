@@ -18,7 +18,7 @@ from demo.legacy_data import generate
 from demo.sshd import SSHServer
 from worker import rules, schema, store
 
-from .conftest import WORKER_COMMAND
+from .conftest import WORKER_COMMAND, patients_snapshot
 from .test_clinical import Clinical, metadata
 
 pytestmark = pytest.mark.integration
@@ -166,13 +166,9 @@ def test_hashes_stored_by_the_earlier_scheme_converge_without_reporting_changes(
     assert metadata(again, "encounters")["rehashed"] == 0
 
 
-def _snapshot(engine: Engine) -> str:
-    return scalar(engine, "SELECT md5(string_agg(t::text, ',' ORDER BY id)) FROM clinical.patients t")
-
-
 def test_a_full_run_against_an_emptied_partition_stops_before_deleting(clinical: Clinical) -> None:
     assert clinical.materialize("HSJ", assets=(clinical_patients(),)).success
-    before = _snapshot(clinical.target)
+    before = patients_snapshot(clinical.target)
     migrated = scalar(clinical.target, "SELECT count(*) FROM clinical.patients WHERE sistema = 'HSJ'")
     with clinical.legacy.begin() as conn:  # a wrong or emptied legacy partition
         conn.execute(delete(schema.pacientes).where(schema.pacientes.c.sistema == "HSJ"))
@@ -183,7 +179,7 @@ def test_a_full_run_against_an_emptied_partition_stops_before_deleting(clinical:
     assert "VALIDATION_ERROR" in message and "allow_mass_delete" in message and "\n" not in message.strip()
     assert f"would delete {migrated} patients of sistema HSJ" in message
     assert not [e for e in refused.all_events if e.event_type_value == "STEP_RESTARTED"]
-    assert _snapshot(clinical.target) == before
+    assert patients_snapshot(clinical.target) == before
     assert scalar(clinical.target, "SELECT count(*) FROM migration.ledger WHERE action = 'deleted'") == 0
 
     allowed = clinical.materialize("HSJ", assets=(clinical_patients(),), allow_mass_delete=True)
@@ -196,7 +192,7 @@ def test_a_full_run_against_an_emptied_partition_stops_before_deleting(clinical:
             {"r": allowed.run_id},
         ).scalars()
         conn.execute(insert(schema.patients), [store.from_jsonable(schema.patients, p) for p in previous])
-    assert _snapshot(clinical.target) == before
+    assert patients_snapshot(clinical.target) == before
 
 
 def test_rules_driven_deletions_beyond_the_share_stop_the_run(clinical: Clinical) -> None:

@@ -104,10 +104,8 @@ def test_full_pages_are_ranges_of_the_sistema_index_or_the_primary_key(
     mariadb_url: str, sistema: str, sistema_index: bool, index: str
 ) -> None:
     engine, rows = _patients(mariadb_url)
-    others = [{"id": i, "sistema": "OTRO", "documento": f"O{i}", "eliminado": 0} for i in range(1_001, 2_001)]
+    others = _otro(engine)
     with engine.begin() as conn:
-        conn.execute(insert(schema.sistemas), [{"codigo": "OTRO", "nombre": "O", "activo": 1}])
-        conn.execute(insert(schema.pacientes), others)
         if not sistema_index:
             conn.execute(text(f"ALTER TABLE pacientes DROP INDEX {SISTEMA_INDEX}"))
     reader = LegacyReader(engine, "patients", sistema, 7)
@@ -116,7 +114,7 @@ def test_full_pages_are_ranges_of_the_sistema_index_or_the_primary_key(
     assert reader.page_index == index
     plan = _plan(engine, reader, None, after=150)
     # a range scan of that index (by the default plan MariaDB reads the sistema by `ref` and filters ids)
-    assert f"'range', '{index}'" in plan.replace('"', "'"), plan
+    assert f"'range', '{index}'" in plan, plan
 
 
 @pytest.mark.parametrize(("sistema", "index"), [("OTRO", "PRIMARY"), ("CLN01", SISTEMA_INDEX)])
@@ -127,25 +125,23 @@ def test_the_eligible_ids_are_read_along_the_index_the_pages_are(
     soft-deleted, after ``after``; read along the primary key for a sistema of most of the table (left
     to itself, MariaDB reads it by the sistema's index and looks every row up for ``eliminado``)."""
     engine, rows = _patients(mariadb_url)
-    others = [{"id": i, "sistema": "OTRO", "documento": f"O{i}", "eliminado": 0} for i in range(1_001, 2_001)]
-    with engine.begin() as conn:  # OTRO: 1,000 of 1,300 rows; CLN01: 100
-        conn.execute(insert(schema.sistemas), [{"codigo": "OTRO", "nombre": "O", "activo": 1}])
-        conn.execute(insert(schema.pacientes), others)
+    others = _otro(engine)  # OTRO: 1,000 of 1,300 rows; CLN01: 100
+    with engine.begin() as conn:
         conn.execute(text("UPDATE pacientes SET eliminado = 1 WHERE MOD(id, 5) = 0"))
     queries: list[str] = []
     frame = LegacyReader.frame
 
     def seen(self: LegacyReader, query: object, *args: object) -> pl.DataFrame:
-        queries.append(str(query.compile(engine, compile_kwargs={"literal_binds": True})))  # type: ignore[attr-defined]
+        queries.append(_sql(engine, query))
         return frame(self, query, *args)
 
     monkeypatch.setattr(LegacyReader, "frame", seen)
     with engine.connect() as conn:  # type: ignore[attr-defined]
         ids = LegacyReader(engine, "patients", sistema, None).eligible_ids(150, conn)["id"].to_list()
-        plan = " ".join(str(row) for row in conn.exec_driver_sql("EXPLAIN " + queries[-1]).all())
+    plan = _explain(engine, queries[-1])
     expected = [r["id"] for r in [*rows, *others] if r["sistema"] == sistema and r["id"] > 150 and r["id"] % 5]
     assert sorted(ids) == expected
-    assert f"'{index}'" in plan.replace('"', "'") and "'ref'" not in plan.replace('"', "'"), plan
+    assert f"'{index}'" in plan and "'ref'" not in plan, plan
 
 
 def test_the_sistema_share_is_estimated_without_reading_the_rows(mariadb_url: str) -> None:
@@ -160,10 +156,26 @@ def test_the_sistema_share_is_estimated_without_reading_the_rows(mariadb_url: st
 
 
 def _plan(engine: object, reader: LegacyReader, since: datetime | None, after: int = -1) -> str:
-    query = reader._query(after, since)
-    sql = str(query.compile(engine, compile_kwargs={"literal_binds": True}))
+    return _explain(engine, _sql(engine, reader._query(after, since)))
+
+
+def _sql(engine: object, query: object) -> str:
+    return str(query.compile(engine, compile_kwargs={"literal_binds": True}))  # type: ignore[attr-defined]
+
+
+def _explain(engine: object, sql: str) -> str:
+    """MariaDB's plan of ``sql``, its rows in one line, quoted with ' only."""
     with engine.connect() as conn:  # type: ignore[attr-defined]
-        return " ".join(str(row) for row in conn.exec_driver_sql("EXPLAIN " + sql).all())
+        return " ".join(str(row) for row in conn.exec_driver_sql("EXPLAIN " + sql).all()).replace('"', "'")
+
+
+def _otro(engine: object) -> list[dict[str, object]]:
+    """1,000 rows of a third sistema, OTRO (ids 1,001–2,000), beside _patients' 300."""
+    others = [{"id": i, "sistema": "OTRO", "documento": f"O{i}", "eliminado": 0} for i in range(1_001, 2_001)]
+    with engine.begin() as conn:  # type: ignore[attr-defined]
+        conn.execute(insert(schema.sistemas), [{"codigo": "OTRO", "nombre": "O", "activo": 1}])
+        conn.execute(insert(schema.pacientes), others)
+    return others
 
 
 def test_pages_sized_by_memory_hold_every_row_once_in_id_order(mariadb_url: str, monkeypatch) -> None:
