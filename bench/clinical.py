@@ -17,7 +17,9 @@ encounters:
 7. the worker's peak RSS at each ``--rss-sizes`` (patients only), of a first run and of an unchanged
    re-run, to show it is flat.
 
-It prints one line per run (rows, seconds, rows/s, peak RSS), then the table in Markdown. Rates are
+It prints one line per run (rows, seconds, rows/s, peak RSS), then the table in Markdown, and beside it
+the CPU seconds each run cost the client (the worker as it reports itself; Sling; the floor's mariadb and
+psql), PostgreSQL and MariaDB, with the cores they kept busy: where a run's time goes. Rates are
 wall-clock: the floor and Sling as whole processes, the worker from opening the SSH session to its
 exit (its own ``rows_per_s``, which leaves out connecting and start-up, is shown beside). Every
 figure is measured in the run; the targets are issue 7's. Not a test: it asserts nothing.
@@ -29,15 +31,18 @@ import argparse
 import json
 import math
 import os
+import resource
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 
@@ -66,6 +71,38 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
+# --- CPU: where a run's time goes ------------------------------------------------------------
+
+SERVERS = {"PostgreSQL": ("postgres",), "MariaDB": ("mariadbd", "mysqld")}
+
+
+def server_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) each database server has used so far, over all its processes and
+    the children they reaped: PostgreSQL's backends end with their connections, and their time goes
+    to the postmaster's children's times."""
+    spent = dict.fromkeys(SERVERS, 0.0)
+    for process in psutil.process_iter(["name", "cpu_times"]):
+        times = process.info["cpu_times"]
+        for label, names in SERVERS.items():
+            if times is not None and (process.info["name"] or "").startswith(names):
+                spent[label] += times.user + times.system + times.children_user + times.children_system
+    return spent
+
+
+@contextmanager
+def cpu_spent() -> Iterator[dict[str, float]]:
+    """The CPU seconds spent during the block by each database server, and by this process's children
+    that ended in it ("client": the floor's mariadb and psql, Sling)."""
+    spent: dict[str, float] = {}
+    servers, children = server_cpu(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    try:
+        yield spent
+    finally:
+        after, ended = server_cpu(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        spent["client"] = (ended.ru_utime + ended.ru_stime) - (children.ru_utime + children.ru_stime)
+        spent |= {label: after[label] - servers[label] for label in SERVERS}
+
+
 # --- the worker over SSH ---------------------------------------------------------------------
 
 
@@ -74,6 +111,7 @@ class WorkerRun:
     entity: str
     result: dict[str, Any]
     wall: float
+    cpu: dict[str, float]  # client (the worker, as it reports itself), PostgreSQL, MariaDB
 
     @property
     def rows(self) -> int:
@@ -98,7 +136,7 @@ class Worker:
             argv += ["--batch-size", str(self.batch_size)]
         secrets = json.dumps(urls).encode()
         started = time.monotonic()
-        with self.ssh.connect() as client:
+        with cpu_spent() as cpu, self.ssh.connect() as client:
             process = self.ssh.start(client, argv, secrets)
             lines = list(process.lines(time.monotonic() + 7200))
             status = process.wait()
@@ -107,7 +145,8 @@ class Worker:
         errors = [line for stream, line in lines if stream == "stderr"]
         if status != 0 or not out:
             raise RuntimeError(f"{label} {entity} failed ({status}): {errors[-1:]}")
-        run = WorkerRun(entity, json.loads(out[-1]), wall)
+        result = json.loads(out[-1])
+        run = WorkerRun(entity, result, wall, cpu | {"client": float(result["worker_cpu_s"])})
         r = run.result
         say(
             f"{label:<22} {entity:<11} {r['rows_read']:>9} {r['duration_s']:>8.1f} {r['rows_per_s']:>8.0f} "
@@ -249,6 +288,7 @@ class Line:
     met: bool | None = None
     note: str = ""
     compare: bool = True  # print its ratios to the floor and Sling
+    cpu: dict[str, float] | None = None  # CPU seconds: client, PostgreSQL, MariaDB (cpu_spent)
 
     @property
     def rate(self) -> float:
@@ -289,6 +329,22 @@ class Report:
                 f"| {line.rate:,.0f} | {own} | {vs_floor} | {vs_peer} "
                 f"| {line.target} | {met} | {line.note} |"
             )
+        spent = [line for line in self.lines if line.cpu]
+        if spent:
+            cores = os.cpu_count() or 1
+            out += [
+                "",
+                "| CPU seconds | entity | wall s | client (worker, Sling, mariadb + psql) | PostgreSQL | MariaDB "
+                f"| cores busy of {cores} |",
+                "|---|---|--:|--:|--:|--:|--:|",
+            ]
+            for line in spent:
+                cpu = line.cpu or {}
+                busy = sum(cpu.values()) / line.seconds if line.seconds > 0 else 0.0
+                out.append(
+                    f"| {line.dataset} {line.path} | {line.entity} | {line.seconds:.1f} | {cpu['client']:.1f} "
+                    f"| {cpu['PostgreSQL']:.1f} | {cpu['MariaDB']:.1f} | {busy:.2f} |"
+                )
         if self.rss:
             out += ["", "| worker peak RSS | rows (patients) | MB |", "|---|--:|--:|"]
             out += [f"| {label} | {rows:,} | {mb:.1f} |" for label, rows, mb in self.rss]
@@ -310,15 +366,17 @@ def measure_peers(
     report: Report, dataset: str, legacy_url: str, target: Engine, sling_bin: Path | None, entities: tuple[str, ...]
 ) -> None:
     for entity in entities:
-        timed = peers.floor(legacy_url, target, entity, SISTEMA)
+        with cpu_spent() as cpu:
+            timed = peers.floor(legacy_url, target, entity, SISTEMA)
         say(f"{dataset:<8} floor  {entity:<11} {timed.rows:>9} {timed.seconds:>8.1f} {timed.rows_per_s:>8.0f}")
-        report.add(Line(dataset, "floor", entity, timed.rows, timed.seconds))
+        report.add(Line(dataset, "floor", entity, timed.rows, timed.seconds, cpu=cpu))
     if sling_bin is None:
         return
     for entity in entities:
-        timed = peers.sling(sling_bin, legacy_url, target, entity, SISTEMA)
+        with cpu_spent() as cpu:
+            timed = peers.sling(sling_bin, legacy_url, target, entity, SISTEMA)
         say(f"{dataset:<8} Sling  {entity:<11} {timed.rows:>9} {timed.seconds:>8.1f} {timed.rows_per_s:>8.0f}")
-        report.add(Line(dataset, "Sling", entity, timed.rows, timed.seconds))
+        report.add(Line(dataset, "Sling", entity, timed.rows, timed.seconds, cpu=cpu))
 
 
 def first_runs(
@@ -341,6 +399,7 @@ def first_runs(
                 target=f"≥ {goal:,} rows/s",
                 met=run.rows_per_s >= goal,
                 note=f"{bad:.1%} quarantined; peak RSS {run.result['worker_peak_rss_mb']:.0f} MB",
+                cpu=run.cpu,
             )
         )
     return runs
@@ -446,7 +505,8 @@ def main() -> None:
                                  own_rate=float(run.result["rows_per_s"]),
                                  target=f"≥ {UNCHANGED_TARGET:,} rows/s, 0 ledger rows",
                                  met=run.rows_per_s >= UNCHANGED_TARGET and written == 0,
-                                 note=f"{written} ledger rows written; {run.result['unchanged']} unchanged")
+                                 note=f"{written} ledger rows written; {run.result['unchanged']} unchanged",
+                                 cpu=run.cpu)
                         )  # fmt: skip
 
                 def incremental() -> None:  # 5: 1 % of the rows changed, a new 1 % each round
@@ -473,7 +533,7 @@ def main() -> None:
                             Line("main", "this project, incremental 1 %", entity, run.rows, run.wall,
                                  own_rate=float(run.result["rows_per_s"]),
                                  target=f"≥ {INCREMENTAL_SPEEDUP:.0f}× faster than full",
-                                 met=speedup >= INCREMENTAL_SPEEDUP, compare=False,
+                                 met=speedup >= INCREMENTAL_SPEEDUP, compare=False, cpu=run.cpu,
                                  note=f"the median of {len(rounds)} rounds (walls {walls} s): "
                                       f"{speedup:.1f}× faster than the first full run ({full[entity].wall:.1f} s); "
                                       f"by the worker's own timing {own_speedup:.1f}× "

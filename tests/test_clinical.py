@@ -107,7 +107,7 @@ def test_full_run_accounts_for_every_row_exactly(clinical: Clinical) -> None:
         assert meta["inserted"] == expected["migrated"]
         assert meta["quarantined_by_reason"] == expected["quarantined"]
         assert (meta["updated"], meta["unchanged"], meta["deleted"]) == (0, 0, 0)
-        assert meta["duration_s"] > 0 and meta["rows_per_s"] > 0
+        assert meta["duration_s"] > 0 and meta["rows_per_s"] > 0 and meta["worker_cpu_s"] > 0
         table = f"clinical.{entity}"
         assert (
             clinical.scalar(clinical.target, f"SELECT count(*) FROM {table} WHERE sistema = 'HSJ'")

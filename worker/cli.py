@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import signal
 import sys
 import time
@@ -161,6 +162,9 @@ def _migrate(args: argparse.Namespace, secrets: dict[str, Any], reporter: Report
     metadata = result.metadata(params.entity, {"sistema": params.sistema}, params.dry_run)
     if eligible is not None:
         metadata |= count_clinical_partition(params.entity, params.sistema, eligible.result, target, state).metadata()
+    # What the run cost the legacy host's CPU (every thread of the worker, user and system).
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    metadata["worker_cpu_s"] = round(used.ru_utime + used.ru_stime, 2)
     reporter.materialization(metadata)
     return EXIT_OK
 
