@@ -7,8 +7,10 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -17,6 +19,8 @@ from sqlalchemy import Engine, delete, func, insert, select, text, update
 from demo.legacy_data import generate
 from demo.sshd import SSHServer
 from worker import rules, schema, store
+from worker.engine import Migration
+from worker.params import RunParameters, validate
 
 from .conftest import WORKER_COMMAND, patients_snapshot
 from .test_clinical import Clinical, metadata
@@ -218,3 +222,76 @@ def clinical_patients() -> Any:
 @pytest.fixture
 def clinical(sshd: SSHServer, mariadb_url: str, postgres_url: str) -> Clinical:
     return Clinical(sshd, mariadb_url, postgres_url)
+
+
+# --- encounters: batches written two at a time, committed one at a time --------------------------------
+
+
+def _last_checkpoint(engine: Engine, entity: str) -> int:
+    return int(scalar(engine, f"SELECT last_legacy_id FROM migration.checkpoints WHERE entity = '{entity}'") or 0)
+
+
+def _with_patients(mariadb_url: str, postgres_url: str, encounters_per_patient: int) -> tuple[Engine, Engine]:
+    legacy, target = schema.make_engine(mariadb_url), schema.make_engine(postgres_url)
+    generate(legacy, patients_per_sistema=2000, encounters_per_patient=encounters_per_patient, sistemas=("HSJ",))
+    patients = RunParameters(entity="patients", sistema="HSJ", usuario="ana", run_id="p", batch_size=5000)
+    assert Migration(validate(patients), legacy, target).run().counts.inserted > 0
+    return legacy, target
+
+
+def test_an_encounter_batch_written_beside_a_failing_one_is_never_committed(
+    mariadb_url: str, postgres_url: str
+) -> None:
+    legacy, target = _with_patients(mariadb_url, postgres_url, encounters_per_patient=1)
+    third_written = threading.Event()
+    ends: list[int] = []
+    counting = threading.Lock()
+
+    class SecondFailsLate(Migration):
+        """Batch 2 fails only once batch 3, written beside it, is written (not yet committed)."""
+
+        def _apply_batch(self, *args: Any, **kwargs: Any) -> bool:
+            with counting:
+                ends.append(args[5])  # the batch's hi
+                number = len(ends)
+            if number == 2:
+                assert third_written.wait(30), "batch 3 must be written while batch 2 still is"
+                raise RuntimeError("batch 2 failed")
+            wrote = super()._apply_batch(*args, **kwargs)
+            if number == 3:
+                third_written.set()
+            return wrote
+
+    encounters = RunParameters(entity="encounters", sistema="HSJ", usuario="ana", run_id="e", batch_size=100)
+    with pytest.raises(RuntimeError, match="batch 2 failed"):
+        SecondFailsLate(validate(encounters), legacy, target).run()
+    first = ends[0]
+    assert _last_checkpoint(target, "encounters") == first
+    assert scalar(target, "SELECT max(legacy_id) FROM clinical.encounters") <= first
+    assert scalar(target, "SELECT max(legacy_id) FROM migration.ledger WHERE entity = 'encounters'") <= first
+    assert scalar(target, "SELECT count(*) FROM clinical.encounters WHERE legacy_id > :f", f=first) == 0
+    # The failed run resumes after batch 1, and every row is then written once.
+    resumed = Migration(validate(replace(encounters, run_id="e2")), legacy, target).run()
+    assert resumed.resumed_from == "e"
+    inserted = scalar(
+        target, "SELECT count(*) - count(DISTINCT legacy_id) FROM migration.ledger WHERE entity = 'encounters'"
+    )
+    assert inserted == 0, "a row was recorded as inserted twice"
+
+
+def test_encounter_writers_stop_once_the_lock_holders_session_dies(mariadb_url: str, postgres_url: str) -> None:
+    _, target = _with_patients(mariadb_url, postgres_url, encounters_per_patient=4)
+    holder = start_worker(worker_argv("encounters", "holder", 50), mariadb_url, postgres_url)
+    wait_for(lambda: _last_checkpoint(target, "encounters") > 1000, what="progress")
+    with target.connect() as conn:
+        killed = conn.execute(
+            text(
+                "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a WHERE a.pid IN "
+                f"(SELECT pid FROM pg_locks WHERE {THIS_DATABASE} AND granted) AND a.pid <> pg_backend_pid()"
+            )
+        ).all()
+    at_kill = _last_checkpoint(target, "encounters")
+    assert len(killed) == 1
+    assert holder.wait(timeout=60) != 0, "the run must fail once its lock is gone"
+    # Batches of 50 rows: at most the two being written when the lock went may still commit.
+    assert _last_checkpoint(target, "encounters") - at_kill <= 300

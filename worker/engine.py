@@ -16,8 +16,8 @@ from __future__ import annotations
 import resource
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
@@ -52,6 +52,11 @@ GUARD_IDS = 200_000  # target ids the mass-delete guard compares at a time
 LOOKUP_COLUMNS = {"patients": ("sistema", "legacy_id", "national_id"), "encounters": ("sistema", "legacy_id")}
 DUPLICATE_DETAIL = "a lower legacy id of the sistema holds the same document"
 SOURCES: dict[str, Table] = schema.SOURCES
+# Entities whose batches read and write only target rows of their own scope (a range, or the ids read):
+# one batch's writes, not committed yet, change nothing another batch decides. Not patients: a batch's
+# documents are looked up, and their holders evicted, outside its scope (DUPLICATE_DOCUMENT).
+BATCHES_INDEPENDENT = frozenset({"encounters"})
+WRITERS = 2  # batches of such an entity written at once (Migration._land_beside)
 
 
 @dataclass
@@ -347,29 +352,47 @@ class Migration:
             # is done with it by then.
             quiet = threading.Event()  # the last batch changed nothing: longer pages (LegacyReader.pages)
             pages = helpers.enter_context(closing(reader.pages(after, since, prepare, quiet)))
-            for rows, ruled in pages:
-                hi = int(rows["id"][-1])
-                wrote = self._apply_batch(target, state, rows, mode, lo, hi, counts, ruled)
+
+            def settle(conn: Connection, conn_state: Connection, hi: int, done: Counts, wrote: bool) -> bool:
+                """Count a written batch into the run, then checkpoint and commit it through ``conn`` (every
+                few seconds when it wrote nothing). Returns whether it committed."""
+                nonlocal checkpointed, next_analyze, analyzed_at, last_report
+                counts.add(done)
                 if wrote:
                     quiet.clear()
                 else:
                     quiet.set()
                 self._refuse_mass_delete(counts.deleted - deleted_before)
-                lo = hi
+                committed = False
                 # A batch that wrote nothing (a re-run's) is checkpointed every few seconds, not
                 # every time: a run resumed from an earlier checkpoint redoes only unchanged batches.
                 if wrote or time.monotonic() - checkpointed >= QUIET_CHECKPOINT_SECONDS:
-                    self.book.checkpoint(state, hi, counts.as_dict(), watermark, "running")
-                    self._commit(target, state)
+                    self.book.checkpoint(conn_state, hi, counts.as_dict(), watermark, "running")
+                    if conn is not target:  # the lock is held by the run's own connection, idle meanwhile
+                        locks.require_held(target, self.params.entity, self.params.sistema)
+                        target.rollback()
+                    self._commit(conn, conn_state)
                     checkpointed = time.monotonic()
+                    committed = True
                 if counts.read - read_before >= next_analyze:  # at 10k, 20k, 40k … rows: O(log n) times
                     next_analyze *= 2
                     if self._writes(counts) != analyzed_at:  # statistics only go stale by writes
-                        self._analyze(target, state)
+                        self._analyze(conn, conn_state)
                         analyzed_at = self._writes(counts)
                 if time.monotonic() - last_report >= 5:
                     self.progress(counts)
                     last_report = time.monotonic()
+                return committed
+
+            if not self._lands_beside():
+                for rows, ruled in pages:
+                    hi = int(rows["id"][-1])
+                    done = Counts()
+                    wrote = self._apply_batch(target, state, rows, mode, lo, hi, done, ruled)
+                    settle(target, state, hi, done, wrote)
+                    lo = hi
+            else:
+                lo = self._land_beside(helpers, pages, mode, lo, settle)
         if mode == "full":  # the tail: target rows past the last eligible source row
             nothing = pl.DataFrame(schema=COLUMNS[self.params.entity].schema())
             self._apply_batch(target, state, nothing, mode, lo, HIGHEST, counts)
@@ -382,6 +405,69 @@ class Migration:
         if written and (mode == "full" or written >= ANALYZE_FIRST):
             self._analyze(target, state)
         self.progress(counts)
+
+    def _lands_beside(self) -> bool:
+        """Whether batches are written WRITERS at a time (:meth:`_land_beside`): an entity whose batches
+        are independent (BATCHES_INDEPENDENT), written to PostgreSQL with its control tables, for real."""
+        p = self.params
+        return (
+            p.entity in BATCHES_INDEPENDENT
+            and self.target.dialect.name == "postgresql"
+            and self.same_db
+            and not p.dry_run
+        )
+
+    def _land_beside(
+        self,
+        helpers: ExitStack,
+        pages: Iterator[tuple[pl.DataFrame, pl.DataFrame | None]],
+        mode: str,
+        lo: int,
+        settle: Callable[[Connection, Connection, int, Counts, bool], bool],
+    ) -> int:
+        """Write the pages' batches WRITERS at a time, each on a thread and connection of its own, and
+        commit them one at a time in legacy-id order: a batch is counted, checkpointed and committed
+        only once the batch before it is, so a failure — or a kill — leaves the same prefix of batches
+        committed as one writer would. One batch's writes and reads stay in its own scope
+        (BATCHES_INDEPENDENT): the batch before it, not committed yet, changes nothing of it. Two
+        PostgreSQL backends then share a first run's writes, which one backend could not keep up
+        with (its index and COPY work was the run's critical path). Returns the last batch's end."""
+        local = threading.local()
+        opened: list[Connection] = []
+
+        def connection() -> Connection:
+            conn: Connection | None = getattr(local, "conn", None)
+            if conn is None:
+                conn = local.conn = self.target.connect()
+                opened.append(conn)
+                store.prefer_index_lookups(conn)
+            return conn
+
+        def land(rows: pl.DataFrame, ruled: pl.DataFrame | None, lo: int, hi: int, before: Future[None] | None) -> None:
+            conn = connection()
+            done = Counts()
+            try:
+                wrote = self._apply_batch(conn, conn, rows, mode, lo, hi, done, ruled)
+                if before is not None:
+                    before.result()  # the batch before committed; its failure is this batch's too
+                if not settle(conn, conn, hi, done, wrote):
+                    conn.rollback()  # it wrote nothing: end its snapshot
+            except BaseException:
+                conn.rollback()
+                raise
+
+        helpers.callback(lambda: [conn.close() for conn in opened])  # once the writers are done
+        writers = helpers.enter_context(ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="batch-writer"))
+        landing: deque[Future[None]] = deque()
+        for rows, ruled in pages:
+            while len(landing) >= WRITERS:
+                landing.popleft().result()
+            hi = int(rows["id"][-1])
+            landing.append(writers.submit(land, rows, ruled, lo, hi, landing[-1] if landing else None))
+            lo = hi
+        while landing:
+            landing.popleft().result()
+        return lo
 
     @staticmethod
     def _writes(counts: Counts) -> int:
