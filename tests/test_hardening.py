@@ -295,3 +295,39 @@ def test_encounter_writers_stop_once_the_lock_holders_session_dies(mariadb_url: 
     assert holder.wait(timeout=60) != 0, "the run must fail once its lock is gone"
     # Batches of 50 rows: at most the two being written when the lock went may still commit.
     assert _last_checkpoint(target, "encounters") - at_kill <= 300
+
+
+@pytest.mark.parametrize("entity", ["patients", "encounters"])
+def test_a_first_runs_values_the_target_refuses_are_quarantined(
+    mariadb_url: str, postgres_url: str, entity: str
+) -> None:
+    """A value every §6 rule passes but the target refuses (here a DBA's CHECK) is INVALID_VALUE and the
+    run goes on — in a first run too, whose batches are copied straight into the table (the driver's own
+    error was not recognised there, and the run failed) — in whichever writer's batch it falls; the rest
+    of each batch is written once."""
+    table = f"clinical.{entity}"
+    if entity == "patients":
+        legacy, target = schema.make_engine(mariadb_url), schema.make_engine(postgres_url)
+        generate(legacy, patients_per_sistema=2000, encounters_per_patient=0, sistemas=("HSJ",))
+    else:
+        legacy, target = _with_patients(mariadb_url, postgres_url, encounters_per_patient=1)
+    schema.create_schemas(target, schema.target_metadata)
+    with target.begin() as conn:
+        conn.execute(text(f"ALTER TABLE {table} ADD CONSTRAINT refused CHECK (legacy_id % 97 <> 5)"))
+    params = RunParameters(entity=entity, sistema="HSJ", usuario="ana", run_id="r", batch_size=100)
+    result = Migration(validate(params), legacy, target).run()
+    with target.connect() as conn:
+        quarantined = dict(
+            conn.execute(
+                text("SELECT legacy_id, reason FROM migration.quarantine WHERE entity = :e AND legacy_id % 97 = 5"),
+                {"e": entity},
+            ).all()
+        )
+        stored = conn.scalar(text(f"SELECT count(*) FROM {table}"))
+        ledger = conn.execute(
+            text("SELECT count(*), count(DISTINCT legacy_id) FROM migration.ledger WHERE entity = :e"), {"e": entity}
+        ).one()
+    invalid = [i for i, reason in quarantined.items() if reason == rules.INVALID_VALUE]
+    assert len(invalid) >= 5 and result.counts.quarantined[rules.INVALID_VALUE] == len(invalid)
+    assert stored == result.counts.inserted == ledger[0] == ledger[1]
+    assert _last_checkpoint(target, entity) > max(invalid)

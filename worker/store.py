@@ -10,7 +10,7 @@ import io
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import date, datetime
 from typing import Any
 
@@ -53,9 +53,23 @@ def _names(columns: Sequence[str]) -> str:
     return ", ".join(f'"{c}"' for c in columns)
 
 
-def _copy(conn: Connection, qualified: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+@contextmanager
+def _raw_cursor(conn: Connection, statement: str) -> Iterator[Any]:
+    """A cursor of the driver itself (for COPY), whose errors are raised as SQLAlchemy raises the same
+    error from an execute (a :class:`DBAPIError` with ``orig``, bound values hidden): callers tell a value
+    the target refuses (:func:`is_refused_value`) from any other failure the same way for both."""
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    with cursor, cursor.copy(f"COPY {qualified} ({_names(columns)}) FROM STDIN") as copy:
+    base = conn.dialect.loaded_dbapi.Error
+    try:
+        with cursor:
+            yield cursor
+    except base as problem:
+        raise DBAPIError.instance(statement, None, problem, base, hide_parameters=True) from None
+
+
+def _copy(conn: Connection, qualified: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    statement = f"COPY {qualified} ({_names(columns)}) FROM STDIN"
+    with _raw_cursor(conn, statement) as cursor, cursor.copy(statement) as copy:
         for row in rows:
             copy.write_row(row)
 
@@ -285,11 +299,8 @@ def _copy_csv(conn: Connection, qualified: str, frame: Any) -> None:
         datetime_format="%Y-%m-%d %H:%M:%S%.6f%:z",
         date_format="%Y-%m-%d",
     )
-    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    with (
-        cursor,
-        cursor.copy(f"COPY {qualified} ({_names(frame.columns)}) FROM STDIN WITH (FORMAT csv, NULL '\\N')") as copy,
-    ):
+    statement = f"COPY {qualified} ({_names(frame.columns)}) FROM STDIN WITH (FORMAT csv, NULL '\\N')"
+    with _raw_cursor(conn, statement) as cursor, cursor.copy(statement) as copy:
         copy.write(buffer.getbuffer())
 
 
