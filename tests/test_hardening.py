@@ -331,3 +331,74 @@ def test_a_first_runs_values_the_target_refuses_are_quarantined(
     assert len(invalid) >= 5 and result.counts.quarantined[rules.INVALID_VALUE] == len(invalid)
     assert stored == result.counts.inserted == ledger[0] == ledger[1]
     assert _last_checkpoint(target, entity) > max(invalid)
+
+
+# --- patients: a batch written beside the one before, that one's documents handed over ------------------
+
+SAME_DOCUMENT = {"documento": "71234567", "tipo_documento": "CC", "nombres": "Ana", "apellidos": "Pérez",
+                 "fecha_nacimiento": "1980-05-05", "sexo": "F", "eliminado": 0}  # fmt: skip
+FIRST, SECOND = 150, 250  # in the second and third page of 100 patients
+
+
+class ThirdWrittenBesideSecond(Migration):
+    """Batch 2 commits only once batch 3 is decided and written beside it (not committed)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls, self.lock, self.third_written = 0, threading.Lock(), threading.Event()
+
+    def _apply_batch(self, *args: Any, **kwargs: Any) -> bool:
+        with self.lock:
+            self.calls += 1
+            number = self.calls
+        wrote = super()._apply_batch(*args, **kwargs)
+        if number == 2:
+            assert self.third_written.wait(30), "batch 3 must be written while batch 2 is not committed"
+        if number == 3:
+            self.third_written.set()
+        return wrote
+
+
+def _two_claims_of_one_document(mariadb_url: str, postgres_url: str) -> tuple[Engine, Engine, RunParameters]:
+    legacy, target = schema.make_engine(mariadb_url), schema.make_engine(postgres_url)
+    generate(legacy, patients_per_sistema=600, encounters_per_patient=0, sistemas=("HSJ",))
+    with legacy.begin() as conn:
+        conn.execute(update(schema.pacientes).where(schema.pacientes.c.id.in_([FIRST, SECOND])).values(SAME_DOCUMENT))
+    schema.create_schemas(target, schema.target_metadata)
+    return legacy, target, RunParameters(entity="patients", sistema="HSJ", usuario="ana", run_id="p", batch_size=100)
+
+
+def _fate(target: Engine, legacy_id: int) -> str:
+    with target.connect() as conn:
+        if conn.scalar(text("SELECT count(*) FROM clinical.patients WHERE legacy_id = :i"), {"i": legacy_id}):
+            return "migrated"
+        reason = conn.scalar(text("SELECT reason FROM migration.quarantine WHERE legacy_id = :i"), {"i": legacy_id})
+        return str(reason)
+
+
+@pytest.mark.timeout(180)
+def test_a_document_claimed_by_the_batch_written_beside_is_held_by_it(mariadb_url: str, postgres_url: str) -> None:
+    """Patients 150 and 250 claim one document in the pages of 101–200 and 201–300, written at once: the
+    lower one holds it (as one writer would decide), the other is DUPLICATE_DOCUMENT; without the
+    handover both were written and the first batch's deferred unique check waited for the second."""
+    legacy, target, params = _two_claims_of_one_document(mariadb_url, postgres_url)
+    run = ThirdWrittenBesideSecond(validate(params), legacy, target)
+    result = run.run()
+    assert run.calls > 3 and (_fate(target, FIRST), _fate(target, SECOND)) == ("migrated", rules.DUPLICATE_DOCUMENT)
+    assert result.counts.inserted == scalar(target, "SELECT count(*) FROM clinical.patients")
+
+
+@pytest.mark.timeout(180)
+def test_a_batch_decided_on_documents_the_batch_before_gave_up_is_decided_again(
+    mariadb_url: str, postgres_url: str
+) -> None:
+    """Patient 150's value is refused by the target after its batch handed its documents over: the batch
+    written beside it, which had found patient 250's document held, decides again on it committed, and
+    250 holds the document, as one writer would decide."""
+    legacy, target, params = _two_claims_of_one_document(mariadb_url, postgres_url)
+    with target.begin() as conn:
+        conn.execute(text(f"ALTER TABLE clinical.patients ADD CONSTRAINT refused CHECK (legacy_id <> {FIRST})"))
+    result = ThirdWrittenBesideSecond(validate(params), legacy, target).run()
+    assert (_fate(target, FIRST), _fate(target, SECOND)) == (rules.INVALID_VALUE, "migrated")
+    assert result.counts.inserted == scalar(target, "SELECT count(*) FROM clinical.patients")
+    assert scalar(target, "SELECT count(*) - count(DISTINCT legacy_id) FROM migration.ledger") == 0

@@ -53,10 +53,14 @@ LOOKUP_COLUMNS = {"patients": ("sistema", "legacy_id", "national_id"), "encounte
 DUPLICATE_DETAIL = "a lower legacy id of the sistema holds the same document"
 SOURCES: dict[str, Table] = schema.SOURCES
 # Entities whose batches read and write only target rows of their own scope (a range, or the ids read):
-# one batch's writes, not committed yet, change nothing another batch decides. Not patients: a batch's
-# documents are looked up, and their holders evicted, outside its scope (DUPLICATE_DOCUMENT).
+# one batch's writes, not committed yet, change nothing another batch decides.
 BATCHES_INDEPENDENT = frozenset({"encounters"})
+# Entities whose batches also decide against rows outside their scope (DUPLICATE_DOCUMENT: the holders of
+# their documents, whom they may evict): written beside the batch before when that one's effects stay in
+# its own range, the documents it will hold handed over (Migration._land_beside).
+BATCHES_HANDED_OVER = frozenset({"patients"})
 WRITERS = 2  # batches of such an entity written at once (Migration._land_beside)
+WRITER_LOCK_TIMEOUT_S = 60
 
 
 @dataclass
@@ -103,6 +107,25 @@ class Outcome:
     evicted_legacy: list[int] = field(default_factory=list)
     ledger: pl.DataFrame | None = None
     at: datetime | None = None
+
+
+@dataclass
+class Handoff:
+    """What a patients batch written beside the next one (:meth:`Migration._land_beside`) tells it."""
+
+    # Once decided: whether its effects stay in its range (the range held no target row and it evicts
+    # no holder), and the documents it will hold (``legacy_id``, ``national_id``).
+    decided: Future[tuple[bool, pl.DataFrame]] = field(default_factory=Future)
+    redone: bool = False  # decided again (a value the target refused): the next batch's decision may be stale
+
+
+@dataclass
+class Beside:
+    """A batch's part in the handoff: its own, to publish, and the documents of the batch before it,
+    not committed yet, which hold their national ids for it (None: that batch is committed)."""
+
+    own: Handoff
+    held_before: pl.DataFrame | None
 
 
 @dataclass
@@ -408,10 +431,11 @@ class Migration:
 
     def _lands_beside(self) -> bool:
         """Whether batches are written WRITERS at a time (:meth:`_land_beside`): an entity whose batches
-        are independent (BATCHES_INDEPENDENT), written to PostgreSQL with its control tables, for real."""
+        are independent or handed over (BATCHES_INDEPENDENT, BATCHES_HANDED_OVER), written to PostgreSQL
+        with its control tables, for real."""
         p = self.params
         return (
-            p.entity in BATCHES_INDEPENDENT
+            p.entity in BATCHES_INDEPENDENT | BATCHES_HANDED_OVER
             and self.target.dialect.name == "postgresql"
             and self.same_db
             and not p.dry_run
@@ -428,8 +452,11 @@ class Migration:
         """Write the pages' batches WRITERS at a time, each on a thread and connection of its own, and
         commit them one at a time in legacy-id order: a batch is counted, checkpointed and committed
         only once the batch before it is, so a failure — or a kill — leaves the same prefix of batches
-        committed as one writer would. One batch's writes and reads stay in its own scope
-        (BATCHES_INDEPENDENT): the batch before it, not committed yet, changes nothing of it. Two
+        committed as one writer would. What a batch is decided on must not depend on the batch before
+        it, not committed yet: an independent batch's reads and writes stay in its own scope; a patients
+        batch waits for the decision of the one before (its :class:`Handoff`) and counts the documents
+        that batch will hold among their holders — or, when that batch deletes or evicts rows, waits
+        for its commit — and is decided again, on it committed, if that batch was decided again. Two
         PostgreSQL backends then share a first run's writes, which one backend could not keep up
         with (its index and COPY work was the run's critical path). Returns the last batch's end."""
         local = threading.local()
@@ -441,29 +468,63 @@ class Migration:
                 conn = local.conn = self.target.connect()
                 opened.append(conn)
                 store.prefer_index_lookups(conn)
+                # The writers never wait for each other's rows by design; should they ever, PostgreSQL cannot
+                # see the cycle (one side waits here, in Python): fail the run rather than hang.
+                conn.exec_driver_sql(f"SET lock_timeout = '{WRITER_LOCK_TIMEOUT_S}s'")
+                conn.commit()
             return conn
 
-        def land(rows: pl.DataFrame, ruled: pl.DataFrame | None, lo: int, hi: int, before: Future[None] | None) -> None:
+        handing = self.params.entity in BATCHES_HANDED_OVER
+
+        def land(
+            rows: pl.DataFrame,
+            ruled: pl.DataFrame | None,
+            lo: int,
+            hi: int,
+            before: Future[None] | None,
+            handed: Handoff | None,
+            own: Handoff | None,
+        ) -> None:
             conn = connection()
             done = Counts()
             try:
-                wrote = self._apply_batch(conn, conn, rows, mode, lo, hi, done, ruled)
+                held_before = None
+                if handed is not None and before is not None:
+                    contained, claims = handed.decided.result()  # the batch before decided (or failed)
+                    if contained:
+                        held_before = claims
+                    else:  # it reaches beyond its range (rows it deletes or evicts): decide on it committed
+                        before.result()
+                beside = Beside(own, held_before) if own is not None else None
+                wrote = self._apply_batch(conn, conn, rows, mode, lo, hi, done, ruled, beside)
                 if before is not None:
                     before.result()  # the batch before committed; its failure is this batch's too
+                if handed is not None and handed.redone and held_before is not None and own is not None:
+                    # decided on documents the batch before then gave up: decide again on it committed
+                    conn.rollback()
+                    own.redone = True
+                    done = Counts()
+                    wrote = self._apply_batch(conn, conn, rows, mode, lo, hi, done, ruled, Beside(own, None))
                 if not settle(conn, conn, hi, done, wrote):
                     conn.rollback()  # it wrote nothing: end its snapshot
-            except BaseException:
+            except BaseException as problem:
                 conn.rollback()
+                if own is not None and not own.decided.done():
+                    own.decided.set_exception(problem)
                 raise
 
         helpers.callback(lambda: [conn.close() for conn in opened])  # once the writers are done
         writers = helpers.enter_context(ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="batch-writer"))
         landing: deque[Future[None]] = deque()
+        handoff: Handoff | None = None
         for rows, ruled in pages:
             while len(landing) >= WRITERS:
                 landing.popleft().result()
             hi = int(rows["id"][-1])
-            landing.append(writers.submit(land, rows, ruled, lo, hi, landing[-1] if landing else None))
+            own = Handoff() if handing else None
+            before = landing[-1] if landing else None
+            landing.append(writers.submit(land, rows, ruled, lo, hi, before, handoff, own))
+            handoff = own
             lo = hi
         while landing:
             landing.popleft().result()
@@ -507,18 +568,22 @@ class Migration:
         hi: int,
         counts: Counts,
         ruled: pl.DataFrame | None = None,
+        beside: Beside | None = None,
     ) -> bool:
         """Apply one batch; a record whose value the target refuses is quarantined (INVALID_VALUE)
         and the batch is decided again without it, so no single row can fail a batch. ``ruled``:
-        the §6 rules of the batch's rows if already applied (:meth:`_rules_of_page`). Returns
-        whether it wrote anything (target, ledger or quarantine)."""
+        the §6 rules of the batch's rows if already applied (:meth:`_rules_of_page`); ``beside``: its
+        part in a handoff (:class:`Beside`). Returns whether it wrote anything (target, ledger or
+        quarantine)."""
         refused: dict[int, str] = {}
         while True:
             attempt = Counts()
             try:
                 with store.savepoint(target):
-                    outcome = self._apply_batch_once(target, rows, mode, lo, hi, attempt, refused, ruled)
+                    outcome = self._apply_batch_once(target, rows, mode, lo, hi, attempt, refused, ruled, beside)
             except TargetRefused as problem:
+                if beside is not None:
+                    beside.own.redone = True
                 found = store.refused_rows(target, self.table, KEY, problem.writes.to_dicts())
                 if not found:
                     raise RuntimeError("the target refused a batch, but no single record of it") from None
@@ -551,6 +616,7 @@ class Migration:
         counts: Counts,
         refused: Mapping[int, str],
         ruled: pl.DataFrame | None = None,
+        beside: Beside | None = None,
     ) -> Outcome:
         p = self.params
         t = self.table
@@ -583,9 +649,15 @@ class Migration:
             {"legacy_id": pl.Int64, "id": pl.Int64, "old_hash": pl.String} | {c.name: pl.String for c in held},
         )
         if p.entity == "patients":
-            decided = self._decide_duplicates(target, decided, scope, in_scope, outcome, existing["national_id"])
+            held_before = beside.held_before if beside is not None else None
+            decided = self._decide_duplicates(
+                target, decided, scope, in_scope, outcome, existing["national_id"], held_before
+            )
             existing = existing.drop("national_id")
         passing = decided.filter(pl.col(batch.REASON).is_null())
+        if beside is not None and not beside.own.decided.done():
+            contained = existing.height == 0 and not outcome.evicted
+            beside.own.decided.set_result((contained, passing.select("legacy_id", "national_id")))
         failing = decided.filter(pl.col(batch.REASON).is_not_null())
         outcome.quarantined = failing.select(
             "legacy_id", pl.col(batch.REASON).alias("reason"), pl.col(batch.DETAIL).alias("detail")
@@ -711,10 +783,13 @@ class Migration:
         in_scope: pl.Expr,
         outcome: Outcome,
         held_in_scope: pl.Series,
+        held_before: pl.DataFrame | None = None,
     ) -> pl.DataFrame:
         """DUPLICATE_DOCUMENT (rules.first_claim_wins): per national id, the lowest legacy id among the
         batch's passing rows and the target rows outside the batch that hold it now.
-        ``held_in_scope``: the documents the target rows of the batch's scope hold."""
+        ``held_in_scope``: the documents the target rows of the batch's scope hold; ``held_before``: the
+        documents the batch before this one will hold (``legacy_id``, ``national_id``), not committed yet
+        (:meth:`_land_beside`). Their legacy ids are below this batch's, so they own what they hold."""
         claims = decided.filter(pl.col(batch.REASON).is_null()).select("legacy_id", "national_id")
         if claims.height == 0:
             return decided
@@ -736,6 +811,11 @@ class Migration:
                 ),
                 holder_types,
             ).filter(~in_scope)
+        if held_before is not None and held_before.height:
+            before = held_before.filter(pl.col("national_id").is_in(claimed.implode()))
+            holders = pl.concat(
+                [holders, before.select("legacy_id", pl.lit(None, pl.Int64).alias("id"), "national_id")]
+            )
         if holders.height == 0 and claimed.len() == claims.height:
             return decided  # every document claimed once, and held by no row outside: no loser, none evicted
         owners = (
@@ -745,6 +825,8 @@ class Migration:
         )
         losers = claims.join(owners, on="national_id").filter(pl.col("legacy_id") != pl.col("owner"))["legacy_id"]
         evicted = holders.join(owners, on="national_id").filter(pl.col("legacy_id") != pl.col("owner"))
+        if evicted["id"].null_count():
+            raise RuntimeError("a document of the batch before was to be evicted by a later batch")
         outcome.evicted = evicted["id"].to_list()
         outcome.evicted_legacy = evicted["legacy_id"].to_list()
         if losers.len() == 0:
