@@ -62,6 +62,20 @@ def wait_for(condition: Any, seconds: float = 60, what: str = "condition") -> No
         time.sleep(0.05)
 
 
+def end_the_lock_holders_session(target: Engine) -> int:
+    """Terminate every session holding an advisory lock of this database (the lock dies with its
+    session); returns how many there were."""
+    with target.connect() as conn:
+        return len(
+            conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a WHERE a.pid IN "
+                    f"(SELECT pid FROM pg_locks WHERE {THIS_DATABASE} AND granted) AND a.pid <> pg_backend_pid()"
+                )
+            ).all()
+        )
+
+
 @pytest.fixture
 def big(mariadb_url: str, postgres_url: str) -> Iterator[tuple[Engine, Engine, Any]]:
     legacy, target = schema.make_engine(mariadb_url), schema.make_engine(postgres_url)
@@ -85,15 +99,7 @@ def test_a_second_worker_never_interleaves_when_the_lock_holders_session_dies(
     with target.connect() as conn:
         runs = dict(conn.execute(text("SELECT run_id, status FROM migration.runs")).all())
     assert runs == {"holder": "running"}
-    # Terminate every session of the lock holder (the lock dies with its session).
-    with target.connect() as conn:
-        killed = conn.execute(
-            text(
-                "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a WHERE a.pid IN "
-                f"(SELECT pid FROM pg_locks WHERE {THIS_DATABASE} AND granted) AND a.pid <> pg_backend_pid()"
-            )
-        ).all()
-    assert len(killed) == 1
+    assert end_the_lock_holders_session(target) == 1
     assert holder.wait(timeout=60) != 0, "the holder must stop once its session is gone"
     assert waiter.wait(timeout=120) == 0, waiter.stderr.read() if waiter.stderr else ""
     expected = tally.expected("HSJ", "patients")
@@ -231,6 +237,32 @@ def _last_checkpoint(engine: Engine, entity: str) -> int:
     return int(scalar(engine, f"SELECT last_legacy_id FROM migration.checkpoints WHERE entity = '{entity}'") or 0)
 
 
+class ThirdWrittenBesideSecond(Migration):
+    """Batch 2 goes on only once batch 3, written beside it, is decided and written (not committed):
+    then it commits, or, with ``second_fails``, fails without being written. ``ends``: each batch's end,
+    in the order the batches began."""
+
+    def __init__(self, *args: Any, second_fails: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.second_fails = second_fails
+        self.ends: list[int] = []
+        self.lock, self.third_written = threading.Lock(), threading.Event()
+
+    def _apply_batch(self, *args: Any, **kwargs: Any) -> bool:
+        with self.lock:
+            self.ends.append(args[5])  # the batch's hi
+            number = len(self.ends)
+        if number == 2 and self.second_fails:
+            assert self.third_written.wait(30), "batch 3 must be written while batch 2 still is"
+            raise RuntimeError("batch 2 failed")
+        wrote = super()._apply_batch(*args, **kwargs)
+        if number == 2:
+            assert self.third_written.wait(30), "batch 3 must be written while batch 2 is not committed"
+        if number == 3:
+            self.third_written.set()
+        return wrote
+
+
 def _with_patients(mariadb_url: str, postgres_url: str, encounters_per_patient: int) -> tuple[Engine, Engine]:
     legacy, target = schema.make_engine(mariadb_url), schema.make_engine(postgres_url)
     generate(legacy, patients_per_sistema=2000, encounters_per_patient=encounters_per_patient, sistemas=("HSJ",))
@@ -243,29 +275,11 @@ def test_an_encounter_batch_written_beside_a_failing_one_is_never_committed(
     mariadb_url: str, postgres_url: str
 ) -> None:
     legacy, target = _with_patients(mariadb_url, postgres_url, encounters_per_patient=1)
-    third_written = threading.Event()
-    ends: list[int] = []
-    counting = threading.Lock()
-
-    class SecondFailsLate(Migration):
-        """Batch 2 fails only once batch 3, written beside it, is written (not yet committed)."""
-
-        def _apply_batch(self, *args: Any, **kwargs: Any) -> bool:
-            with counting:
-                ends.append(args[5])  # the batch's hi
-                number = len(ends)
-            if number == 2:
-                assert third_written.wait(30), "batch 3 must be written while batch 2 still is"
-                raise RuntimeError("batch 2 failed")
-            wrote = super()._apply_batch(*args, **kwargs)
-            if number == 3:
-                third_written.set()
-            return wrote
-
     encounters = RunParameters(entity="encounters", sistema="HSJ", usuario="ana", run_id="e", batch_size=100)
+    run = ThirdWrittenBesideSecond(validate(encounters), legacy, target, second_fails=True)
     with pytest.raises(RuntimeError, match="batch 2 failed"):
-        SecondFailsLate(validate(encounters), legacy, target).run()
-    first = ends[0]
+        run.run()
+    first = run.ends[0]
     assert _last_checkpoint(target, "encounters") == first
     assert scalar(target, "SELECT max(legacy_id) FROM clinical.encounters") <= first
     assert scalar(target, "SELECT max(legacy_id) FROM migration.ledger WHERE entity = 'encounters'") <= first
@@ -283,15 +297,8 @@ def test_encounter_writers_stop_once_the_lock_holders_session_dies(mariadb_url: 
     _, target = _with_patients(mariadb_url, postgres_url, encounters_per_patient=4)
     holder = start_worker(worker_argv("encounters", "holder", 50), mariadb_url, postgres_url)
     wait_for(lambda: _last_checkpoint(target, "encounters") > 1000, what="progress")
-    with target.connect() as conn:
-        killed = conn.execute(
-            text(
-                "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a WHERE a.pid IN "
-                f"(SELECT pid FROM pg_locks WHERE {THIS_DATABASE} AND granted) AND a.pid <> pg_backend_pid()"
-            )
-        ).all()
+    assert end_the_lock_holders_session(target) == 1
     at_kill = _last_checkpoint(target, "encounters")
-    assert len(killed) == 1
     assert holder.wait(timeout=60) != 0, "the run must fail once its lock is gone"
     # Batches of 50 rows: at most the two being written when the lock went may still commit.
     assert _last_checkpoint(target, "encounters") - at_kill <= 300
@@ -340,25 +347,6 @@ SAME_DOCUMENT = {"documento": "71234567", "tipo_documento": "CC", "nombres": "An
 FIRST, SECOND = 150, 250  # in the second and third page of 100 patients
 
 
-class ThirdWrittenBesideSecond(Migration):
-    """Batch 2 commits only once batch 3 is decided and written beside it (not committed)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.calls, self.lock, self.third_written = 0, threading.Lock(), threading.Event()
-
-    def _apply_batch(self, *args: Any, **kwargs: Any) -> bool:
-        with self.lock:
-            self.calls += 1
-            number = self.calls
-        wrote = super()._apply_batch(*args, **kwargs)
-        if number == 2:
-            assert self.third_written.wait(30), "batch 3 must be written while batch 2 is not committed"
-        if number == 3:
-            self.third_written.set()
-        return wrote
-
-
 def _two_claims_of_one_document(mariadb_url: str, postgres_url: str) -> tuple[Engine, Engine, RunParameters]:
     legacy, target = schema.make_engine(mariadb_url), schema.make_engine(postgres_url)
     generate(legacy, patients_per_sistema=600, encounters_per_patient=0, sistemas=("HSJ",))
@@ -384,7 +372,7 @@ def test_a_document_claimed_by_the_batch_written_beside_is_held_by_it(mariadb_ur
     legacy, target, params = _two_claims_of_one_document(mariadb_url, postgres_url)
     run = ThirdWrittenBesideSecond(validate(params), legacy, target)
     result = run.run()
-    assert run.calls > 3 and (_fate(target, FIRST), _fate(target, SECOND)) == ("migrated", rules.DUPLICATE_DOCUMENT)
+    assert len(run.ends) > 3 and (_fate(target, FIRST), _fate(target, SECOND)) == ("migrated", rules.DUPLICATE_DOCUMENT)
     assert result.counts.inserted == scalar(target, "SELECT count(*) FROM clinical.patients")
 
 

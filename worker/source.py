@@ -257,8 +257,11 @@ class LegacyReader:
             query = query.where(t.c.id <= upto)
         if self.page_index is None:
             self.page_index = page_index(conn, t, self.sistema)
-        index = self.page_index
-        return self.frame(query if index is None else _force_index(query, t, index), {"id": pl.Int64}, conn)
+        return self.frame(self._along(query, self.page_index), {"id": pl.Int64}, conn)
+
+    def _along(self, query: Any, index: str | None) -> Any:
+        """``query`` read along ``index`` of the legacy table (as MariaDB plans it when None)."""
+        return query if index is None else _force_index(query, self.columns.table, index)
 
     def _query(self, after: int, since: datetime | None) -> Any:
         t = self.columns.table
@@ -266,10 +269,9 @@ class LegacyReader:
         query = select(*picked).where(t.c.sistema == self.sistema, t.c.id > after).order_by(t.c.id).limit(self.page)
         if since is None:
             query = query.where(t.c.eliminado == 0)
-            return query if self.page_index is None else _force_index(query, t, self.page_index)
+            return self._along(query, self.page_index)
         query = query.where(t.c.actualizado_en >= since.replace(tzinfo=None))
-        index = self.changed_index or self.page_index
-        return query if index is None else _force_index(query, t, index)
+        return self._along(query, self.changed_index or self.page_index)
 
     def _plan_incremental(self, since: datetime) -> None:
         """How an incremental run reads its pages (``… AND actualizado_en >= … ORDER BY id LIMIT n``),
