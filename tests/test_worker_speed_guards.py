@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -50,5 +51,41 @@ def test_frame_of_reads_what_the_driver_reads(postgres_url: str, rows: int) -> N
             by_id = select(table.c.c).where(store.one_of(conn, table.c.c, ids))
             assert sorted(conn.scalars(by_id)) == sorted(ids.to_list())
             assert store.frame_of(conn, select(table.c.a).where(table.c.c > 0), {"a": pl.Int64}).height == 0
+    finally:
+        engine.dispose()
+
+
+def test_mariadb_connections_share_one_preferred_tls_context(mariadb_url: str) -> None:
+    """PyMySQL's preferred mode (no TLS option: TLS when the server offers it, unverified) is kept, with one
+    context per process instead of one per connection (each loaded the system's CA store, ~20 ms)."""
+    import pymysql
+    from sqlalchemy.engine import make_url
+
+    url = make_url(mariadb_url)
+    own = pymysql.connect(host=url.host, port=url.port or 3306, user=url.username, password=url.password or "")
+    engine = schema.make_engine(mariadb_url)
+    try:
+        with engine.connect() as first, engine.connect() as second:
+            contexts = [c.connection.dbapi_connection.ctx for c in (first, second)]  # type: ignore[union-attr]
+            assert first.scalar(select(1)) == second.scalar(select(1)) == 1
+        assert contexts[0] is contexts[1]  # one context, not one per connection
+        assert contexts[0] is schema.preferred_tls_context()
+        shared, plain = contexts[0], own.ctx
+        assert plain is not shared and own.ssl  # PyMySQL's own preferred mode, as the shared context stands in for
+        settings = ("protocol", "verify_mode", "check_hostname", "verify_flags", "options", "minimum_version")
+        assert [getattr(shared, s) for s in settings] == [getattr(plain, s) for s in settings]
+        assert shared.verify_mode == 0 and not shared.check_hostname  # CERT_NONE: a CA store would go unused
+    finally:
+        own.close()
+        engine.dispose()
+
+
+def test_mariadb_tls_options_still_reach_pymysql(mariadb_url: str, tmp_path: Path) -> None:
+    """A URL or ``connect_args`` that names TLS options gets PyMySQL's own context, not the shared one: here
+    a CA file that does not exist fails the connection (the shared context would have connected)."""
+    engine = schema.make_engine(mariadb_url, connect_args={"ssl": {"ca": str(tmp_path / "no-such-ca.pem")}})
+    try:
+        with pytest.raises(FileNotFoundError), engine.connect():
+            pass
     finally:
         engine.dispose()

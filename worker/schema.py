@@ -7,6 +7,8 @@ On SQLite the ``clinical`` and ``migration`` schemas are mapped onto the one dat
 
 from __future__ import annotations
 
+import functools
+import ssl
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -29,6 +31,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     create_engine,
+    event,
     inspect,
     text,
 )
@@ -258,9 +261,43 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         kwargs.setdefault("connect_args", {}).setdefault("prepare_threshold", None)
     engine = create_engine(url, hide_parameters=True, pool_pre_ping=True, **kwargs)
     _ENGINES.add(engine)
+    if engine.dialect.driver == "pymysql":
+        event.listen(engine, "do_connect", _connect_pymysql)
     if engine.dialect.name == "sqlite":
         engine = engine.execution_options(schema_translate_map={"clinical": None, "migration": None})
     return engine
+
+
+@functools.cache
+def preferred_tls_context() -> ssl.SSLContext:
+    """The TLS context of PyMySQL's *preferred* mode (no TLS option given: TLS when the server offers it,
+    its certificate not verified), made once per process. PyMySQL makes it again for every connection,
+    and loads the system's CA certificates into each (~20 ms, e.g. 3–5 connections of an incremental
+    run) for a context that never verifies a certificate; this one has the same settings, no CA store."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.verify_flags &= ~ssl.VERIFY_X509_STRICT  # as PyMySQL: MySQL's self-signed certificates fail it
+    return context
+
+
+def _connect_pymysql(dialect: Dialect, record: Any, cargs: tuple[Any, ...], cparams: dict[str, Any]) -> Any:
+    """SQLAlchemy's ``do_connect``: a PyMySQL connection whose preferred-mode TLS context is the shared one.
+    Given TLS options (``ssl``, ``ssl_ca``, … in the URL or ``connect_args``), PyMySQL makes its own, as before."""
+    return _shared_tls_connection_class()(*cargs, **cparams)
+
+
+@functools.cache
+def _shared_tls_connection_class() -> type:
+    import pymysql  # only where a MariaDB/MySQL URL names it
+
+    class SharedPreferredTLS(pymysql.connections.Connection):
+        def _create_ssl_ctx(self, sslp: Any) -> ssl.SSLContext:
+            if isinstance(sslp, dict) and not sslp:  # preferred mode: PyMySQL asks with no option
+                return preferred_tls_context()
+            return super()._create_ssl_ctx(sslp)  # type: ignore[no-any-return]
+
+    return SharedPreferredTLS
 
 
 def state_engine(secrets: Mapping[str, Any], target: Engine) -> Engine:
