@@ -32,6 +32,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -154,6 +155,23 @@ class Worker:
             f"ins {r['inserted']} upd {r['updated']} unch {r['unchanged']} del {r['deleted']} q {r['quarantined']}"
         )
         return run
+
+    def round_trip(self, rounds: int = 5) -> tuple[float, float]:
+        """The median seconds of connecting and of running ``true`` over SSH, as every run above does before
+        and around the worker: what each worker's wall time carries that the floor's and Sling's do not
+        (sshd runs the command through the user's login shell, with whatever that shell's start-up does)."""
+        connects, commands = [], []
+        for _ in range(rounds):
+            started = time.monotonic()
+            with self.ssh.connect() as client:
+                connected = time.monotonic()
+                process = self.ssh.start(client, ["true"], b"")
+                list(process.lines(time.monotonic() + 60))
+                if process.wait() != 0:
+                    raise RuntimeError("`true` over SSH failed")
+            connects.append(connected - started)
+            commands.append(time.monotonic() - connected)
+        return statistics.median(connects), statistics.median(commands)
 
 
 # --- the data --------------------------------------------------------------------------------
@@ -485,6 +503,12 @@ def main() -> None:
 
             with tempfile.TemporaryDirectory() as home, running_sshd(Path(home)) as server:
                 worker = Worker(SSHResource(**server.resource_kwargs()), args.batch_size)
+                connect, command = worker.round_trip()
+                say(f"SSH round trip: connect {connect:.3f} s, `true` {command:.3f} s (median of 5)")
+                report.notes.append(
+                    f"every worker wall time includes SSH: connecting took {connect:.2f} s and running `true` "
+                    f"{command:.2f} s here (median of 5; sshd runs a command through the user's login shell)"
+                )
                 say(f"{'run':<22} {'entity':<11} {'rows':>9} {'seconds':>8} {'rows/s':>8} {'peak RSS MB':>12}")
                 urls = {"legacy_db_url": legacy_url, "target_db_url": target_url}
                 full: dict[str, WorkerRun] = {}
