@@ -15,7 +15,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import pytest
+import pyarrow  # noqa: F401  (loaded as a full run through connectorx loads it: the worker's COPYs in tests take
+import pytest  # the binary form such a run takes, whatever test came first; see worker/store.py _copy_frame)
 
 from demo import databases
 from demo.databases import throwaway_database

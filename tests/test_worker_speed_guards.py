@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sys
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import polars as pl
 import pytest
-from sqlalchemy import BigInteger, Column, MetaData, Table, Text, insert, select
+from sqlalchemy import JSON, BigInteger, Column, Date, DateTime, MetaData, String, Table, Text, insert, select, text
+from sqlalchemy.exc import DBAPIError
 
 from worker import batch, schema, store
 
@@ -51,6 +53,98 @@ def test_frame_of_reads_what_the_driver_reads(postgres_url: str, rows: int) -> N
             by_id = select(table.c.c).where(store.one_of(conn, table.c.c, ids))
             assert sorted(conn.scalars(by_id)) == sorted(ids.to_list())
             assert store.frame_of(conn, select(table.c.a).where(table.c.c > 0), {"a": pl.Int64}).height == 0
+    finally:
+        engine.dispose()
+
+
+COPIED = Table(
+    "copy_guard",
+    MetaData(),
+    Column("k", BigInteger),
+    Column("s", String(24)),
+    Column("t", Text),
+    Column("j", JSON),
+    Column("d", Date),
+    Column("z", DateTime(timezone=True)),
+    Column("none", Text),
+)
+
+
+def copy_guard_frame(rows: int) -> pl.DataFrame:
+    bogota = timezone(timedelta(hours=-5))
+    return pl.DataFrame(
+        {
+            "k": [None if i % 5 == 0 else (-1) ** i * (2**62 + i) for i in range(rows)],
+            "s": [HOSTILE[i % len(HOSTILE)] for i in range(rows)],
+            "t": [
+                None if i % 3 == 0 else "notas\n\t\x01" * (i % 40) + str(HOSTILE[i % len(HOSTILE)]) for i in range(rows)
+            ],
+            "j": [None if i % 4 == 0 else f'{{"a": {i}, "b": "x\\"y"}}' for i in range(rows)],
+            "d": [None if i % 6 == 0 else date(1899 + i % 200, 1 + i % 12, 1 + i % 28) for i in range(rows)],
+            "z": [
+                None if i % 7 == 0 else datetime(1950 + i % 90, 1 + i % 12, 1, 23, 59, 59, i * 7, tzinfo=bogota)
+                for i in range(rows)
+            ],
+            "none": [None] * rows,
+        },
+        schema={
+            "k": pl.Int64,
+            "s": pl.String,
+            "t": pl.String,
+            "j": pl.String,
+            "d": pl.Date,
+            "z": pl.Datetime("us", "America/Bogota"),
+            "none": pl.Null,
+        },
+    )
+
+
+def test_binary_copy_stores_what_csv_copy_stores(postgres_url: str) -> None:
+    """A frame COPYed in PostgreSQL's binary form (what a run that reads through connectorx writes) leaves
+    exactly the rows its CSV form leaves: hostile text, JSON text, NULLs, an all-NULL column, dates before
+    1900, datetimes of another zone to the microsecond, big integers — in a session whose zone is not UTC."""
+    frame = copy_guard_frame(3000)
+    assert "pyarrow" in sys.modules and store.binary_columns(COPIED, frame) is not None  # the binary form is taken
+    engine = schema.make_engine(postgres_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("SET TIME ZONE 'Asia/Kolkata'"))
+            COPIED.create(conn)
+            conn.execute(text("CREATE TABLE copy_guard_csv (LIKE copy_guard)"))
+            store.copy_frame(conn, COPIED, frame)
+            store._copy_csv(conn, '"copy_guard_csv"', frame)
+            columns = "k, s, t, j::text, d, z, none"
+            binary = conn.execute(text(f"SELECT {columns} FROM copy_guard ORDER BY k, s, t, z")).all()
+            csv = conn.execute(text(f"SELECT {columns} FROM copy_guard_csv ORDER BY k, s, t, z")).all()
+            assert len(binary) == len(csv) == frame.height
+            assert binary == csv
+            stored = conn.execute(text("SELECT z FROM copy_guard WHERE z IS NOT NULL ORDER BY k LIMIT 1")).scalar()
+            assert stored.utcoffset() is not None
+    finally:
+        engine.dispose()
+
+
+def test_frames_the_binary_form_cannot_write_exactly_go_as_csv() -> None:
+    frame = copy_guard_frame(3)
+    assert store.binary_columns(COPIED, frame) is not None
+    naive_for_timestamptz = frame.with_columns(pl.col("z").dt.replace_time_zone(None))
+    assert store.binary_columns(COPIED, naive_for_timestamptz) is None  # as text: the session's zone
+    assert store.binary_columns(COPIED, frame.with_columns(pl.col("z").dt.cast_time_unit("ns"))) is None
+    assert store.binary_columns(COPIED, frame.with_columns(pl.col("k").cast(pl.UInt64, strict=False))) is None
+    assert store.binary_columns(COPIED, frame.with_columns(pl.col("s").cast(pl.Int64, strict=False))) is None
+    assert store.binary_columns(COPIED, frame.with_columns(pl.col("d").cast(pl.String))) is None
+
+
+def test_a_value_the_target_refuses_in_binary_form_is_told_as_such(postgres_url: str) -> None:
+    """The refused-value path (quarantine as INVALID_VALUE) reads the binary COPY's error as the CSV one's."""
+    frame = copy_guard_frame(40).with_columns(pl.Series("s", ["fits"] * 39 + ["x" * 25]))
+    engine = schema.make_engine(postgres_url)
+    try:
+        with engine.begin() as conn:
+            COPIED.create(conn)
+        with engine.begin() as conn, pytest.raises(DBAPIError) as refused:
+            store.copy_frame(conn, COPIED, frame)
+        assert store.is_refused_value(refused.value) and store.refused_column(refused.value) == "s"
     finally:
         engine.dispose()
 

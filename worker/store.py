@@ -9,12 +9,14 @@ from __future__ import annotations
 import io
 import json
 import re
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import JSON, Connection, Table, func, insert, literal_column, select
+from sqlalchemy import types as sqltypes
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 
@@ -286,7 +288,61 @@ def copy_frame(conn: Connection, table: Table, frame: Any) -> None:
         ]
         conn.execute(insert(table), rows)
         return
-    _copy_csv(conn, qualified_name(conn, table), frame)
+    _copy_frame(conn, table, qualified_name(conn, table), frame)
+
+
+def _copy_frame(conn: Connection, table: Table, qualified: str, frame: Any) -> None:
+    """COPY a frame's rows into ``qualified`` (``table`` or a table made like it): in PostgreSQL's binary
+    form when :func:`binary_columns` can write every column, else as CSV. The binary form costs the server
+    about half the CPU of parsing the same rows as text (200k patients rows into a table without indexes:
+    0.27 s against 0.52 s), the same on the client, and stores the same values."""
+    # pyarrow is loaded by a run that reads through connectorx; one that read its few rows through the driver
+    # (worker/source.py, DRIVER_ROWS) writes them as CSV rather than load it (~60 ms) for them.
+    arrow = binary_columns(table, frame) if "pyarrow" in sys.modules else None
+    if arrow is None:
+        _copy_csv(conn, qualified, frame)
+        return
+    import pgpq
+
+    statement = f"COPY {qualified} ({_names(frame.columns)}) FROM STDIN WITH (FORMAT binary)"
+    encoder = pgpq.ArrowToPostgresBinaryEncoder(arrow.schema)
+    with _raw_cursor(conn, statement) as cursor, cursor.copy(statement) as copy:
+        copy.write(encoder.write_header())
+        for batch in arrow.to_batches():
+            copy.write(encoder.write_batch(batch))
+        copy.write(encoder.finish())
+
+
+def binary_columns(table: Table, frame: Any) -> Any:
+    """``frame`` as an Arrow table whose every column has the Arrow type whose binary COPY form is the one of
+    its column of ``table`` (``bigint``, text types and ``json`` as text, ``date``, ``timestamptz``), or None
+    when one has not: another type, one the CSV form would let the server convert, integers that might not
+    fit, nanoseconds (the CSV form keeps microseconds), or a datetime without time zone for a ``timestamptz``
+    (as text, the server would read it in its session's time zone). Those frames go as CSV, as before."""
+    import polars as pl
+    import pyarrow as pa
+    from sqlalchemy.dialects.postgresql import JSONB
+
+    widened_to_bigint = (pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32)
+    wanted = []
+    for name, dtype in frame.schema.items():
+        kind = table.c[name].type
+        if isinstance(kind, sqltypes.BigInteger):
+            arrow_type, fits = pa.int64(), dtype in widened_to_bigint
+        elif isinstance(kind, (sqltypes.String, JSON)) and not isinstance(kind, JSONB):  # jsonb's form is not text
+            arrow_type, fits = pa.large_string(), dtype == pl.String
+        elif isinstance(kind, sqltypes.DateTime) and kind.timezone:
+            arrow_type = pa.timestamp("us", tz="UTC")
+            fits = isinstance(dtype, pl.Datetime) and dtype.time_unit != "ns" and dtype.time_zone is not None
+        elif isinstance(kind, sqltypes.Date):
+            arrow_type, fits = pa.date32(), dtype == pl.Date
+        else:
+            return None
+        if not (fits or dtype == pl.Null):
+            return None
+        wanted.append(pa.field(name, arrow_type))
+    arrow = frame.to_arrow()
+    return pa.table([arrow.column(f.name).cast(f.type) for f in wanted], schema=pa.schema(wanted))
 
 
 def _copy_csv(conn: Connection, qualified: str, frame: Any) -> None:
@@ -331,12 +387,12 @@ def upsert_frame(conn: Connection, table: Table, key: Sequence[str], frame: Any,
         )
         if drawn.height != frame.height:
             raise RuntimeError("the target's id sequence gave fewer ids than rows")
-        _copy_csv(conn, target, pl.concat([drawn, frame], how="horizontal"))
+        _copy_frame(conn, table, target, pl.concat([drawn, frame], how="horizontal"))
         return pl.DataFrame({"legacy_id": frame["legacy_id"], "id": drawn["id"]}, schema=types)
     stage = f"stage_{table.name}"
     conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {stage} AS SELECT {names} FROM {target} WITH NO DATA")
     conn.exec_driver_sql(f"TRUNCATE {stage}")
-    _copy_csv(conn, stage, frame)
+    _copy_frame(conn, table, stage, frame)
     updates = ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in frame.columns if c not in key)
     result = conn.exec_driver_sql(
         f"INSERT INTO {target} ({names}) SELECT {names} FROM {stage} "
