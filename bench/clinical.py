@@ -28,6 +28,7 @@ figure is measured in the run; the targets are issue 7's. Not a test: it asserts
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -46,6 +47,7 @@ from typing import Any
 import psutil
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
 from bench import peers
 from demo.databases import MARIADB_ADMIN, POSTGRES_ADMIN, throwaway_database
@@ -88,6 +90,19 @@ def server_cpu() -> dict[str, float]:
             if times is not None and (process.info["name"] or "").startswith(names):
                 spent[label] += times.user + times.system + times.children_user + times.children_system
     return spent
+
+
+@functools.cache
+def _admin(url: str) -> Engine:
+    return schema.make_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)  # no connection left open
+
+
+def settle(target_url: str) -> None:
+    """``CHECKPOINT`` the target's server before a timed step: what the step before it wrote is flushed
+    now, not while this one runs (the next checkpoint, forced by WAL volume, and the first change to each
+    page after it logged in full), so no step pays for the one before it, whichever comes first."""
+    with _admin(target_url).connect() as conn:
+        conn.execute(text("CHECKPOINT"))
 
 
 @contextmanager
@@ -136,6 +151,7 @@ class Worker:
         if self.batch_size is not None:
             argv += ["--batch-size", str(self.batch_size)]
         secrets = json.dumps(urls).encode()
+        settle(urls["target_db_url"])
         started = time.monotonic()
         with cpu_spent() as cpu, self.ssh.connect() as client:
             process = self.ssh.start(client, argv, secrets)
@@ -384,6 +400,7 @@ def measure_peers(
     report: Report, dataset: str, legacy_url: str, target: Engine, sling_bin: Path | None, entities: tuple[str, ...]
 ) -> None:
     for entity in entities:
+        settle(target.url.render_as_string(hide_password=False))
         with cpu_spent() as cpu:
             timed = peers.floor(legacy_url, target, entity, SISTEMA)
         say(f"{dataset:<8} floor  {entity:<11} {timed.rows:>9} {timed.seconds:>8.1f} {timed.rows_per_s:>8.0f}")
@@ -391,6 +408,7 @@ def measure_peers(
     if sling_bin is None:
         return
     for entity in entities:
+        settle(target.url.render_as_string(hide_password=False))
         with cpu_spent() as cpu:
             timed = peers.sling(sling_bin, legacy_url, target, entity, SISTEMA)
         say(f"{dataset:<8} Sling  {entity:<11} {timed.rows:>9} {timed.seconds:>8.1f} {timed.rows_per_s:>8.0f}")
@@ -471,6 +489,7 @@ def main() -> None:
     sling_bin = None if args.no_sling or not (sections & {"main", "wide"}) else peers.sling_binary(say)
     if sling_bin is not None:
         report.notes.append(f"Sling {peers.sling_version(sling_bin)} (sling-linux-amd64 wheel, own venv)")
+    report.notes.append("every timed step (floor, Sling, each worker run) starts after a CHECKPOINT of the target")
 
     tag = uuid.uuid4().hex[:8]
     try:
