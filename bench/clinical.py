@@ -97,7 +97,7 @@ def _admin(url: str) -> Engine:
     return schema.make_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)  # no connection left open
 
 
-def settle(target_url: str) -> None:
+def checkpoint_target(target_url: str) -> None:
     """``CHECKPOINT`` the target's server before a timed step: what the step before it wrote is flushed
     now, not while this one runs (the next checkpoint, forced by WAL volume, and the first change to each
     page after it logged in full), so no step pays for the one before it, whichever comes first."""
@@ -151,7 +151,7 @@ class Worker:
         if self.batch_size is not None:
             argv += ["--batch-size", str(self.batch_size)]
         secrets = json.dumps(urls).encode()
-        settle(urls["target_db_url"])
+        checkpoint_target(urls["target_db_url"])
         started = time.monotonic()
         with cpu_spent() as cpu, self.ssh.connect() as client:
             process = self.ssh.start(client, argv, secrets)
@@ -400,7 +400,7 @@ def measure_peers(
     report: Report, dataset: str, legacy_url: str, target: Engine, sling_bin: Path | None, entities: tuple[str, ...]
 ) -> None:
     for entity in entities:
-        settle(target.url.render_as_string(hide_password=False))
+        checkpoint_target(target.url.render_as_string(hide_password=False))
         with cpu_spent() as cpu:
             timed = peers.floor(legacy_url, target, entity, SISTEMA)
         say(f"{dataset:<8} floor  {entity:<11} {timed.rows:>9} {timed.seconds:>8.1f} {timed.rows_per_s:>8.0f}")
@@ -408,7 +408,7 @@ def measure_peers(
     if sling_bin is None:
         return
     for entity in entities:
-        settle(target.url.render_as_string(hide_password=False))
+        checkpoint_target(target.url.render_as_string(hide_password=False))
         with cpu_spent() as cpu:
             timed = peers.sling(sling_bin, legacy_url, target, entity, SISTEMA)
         say(f"{dataset:<8} Sling  {entity:<11} {timed.rows:>9} {timed.seconds:>8.1f} {timed.rows_per_s:>8.0f}")

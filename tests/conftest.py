@@ -15,8 +15,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import pyarrow  # noqa: F401  (loaded as a full run through connectorx loads it: the worker's COPYs in tests take
-import pytest  # the binary form such a run takes, whatever test came first; see worker/store.py _copy_frame)
+# Loaded as a full run that reads through connectorx loads it, whatever test comes first: the worker's COPYs
+# in tests then take the binary form such a run takes (worker/store.py, _copy_frame).
+import pyarrow  # noqa: F401
+import pytest
 
 from demo import databases
 from demo.databases import throwaway_database
