@@ -135,9 +135,10 @@ def test_frames_the_binary_form_cannot_write_exactly_go_as_csv() -> None:
     assert store.binary_columns(COPIED, frame.with_columns(pl.col("d").cast(pl.String))) is None
 
 
-def test_a_value_the_target_refuses_in_binary_form_is_told_as_such(postgres_url: str) -> None:
+@pytest.mark.parametrize("bad", ["x" * 25, "a\x00b"], ids=["too-long", "nul"])
+def test_a_value_the_target_refuses_in_binary_form_is_told_as_such(postgres_url: str, bad: str) -> None:
     """The refused-value path (quarantine as INVALID_VALUE) reads the binary COPY's error as the CSV one's."""
-    frame = copy_guard_frame(40).with_columns(pl.Series("s", ["fits"] * 39 + ["x" * 25]))
+    frame = copy_guard_frame(40).with_columns(pl.Series("s", ["fits"] * 39 + [bad]))
     engine = schema.make_engine(postgres_url)
     try:
         with engine.begin() as conn:
