@@ -106,9 +106,11 @@ def checkpoint_target(target_url: str) -> None:
 
 
 @contextmanager
-def cpu_spent() -> Iterator[dict[str, float]]:
-    """The CPU seconds spent during the block by each database server, and by this process's children
-    that ended in it ("client": the floor's mariadb and psql, Sling)."""
+def timed_step(target_url: str) -> Iterator[dict[str, float]]:
+    """One timed step (the floor, Sling, a worker run), begun after a checkpoint of the target
+    (:func:`checkpoint_target`): the CPU seconds spent during the block by each database server, and by this
+    process's children that ended in it ("client": the floor's mariadb and psql, Sling)."""
+    checkpoint_target(target_url)
     spent: dict[str, float] = {}
     servers, children = server_cpu(), resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
@@ -151,13 +153,13 @@ class Worker:
         if self.batch_size is not None:
             argv += ["--batch-size", str(self.batch_size)]
         secrets = json.dumps(urls).encode()
-        checkpoint_target(urls["target_db_url"])
-        started = time.monotonic()
-        with cpu_spent() as cpu, self.ssh.connect() as client:
-            process = self.ssh.start(client, argv, secrets)
-            lines = list(process.lines(time.monotonic() + 7200))
-            status = process.wait()
-        wall = time.monotonic() - started
+        with timed_step(urls["target_db_url"]) as cpu:
+            started = time.monotonic()  # from the SSH connection on, to its close
+            with self.ssh.connect() as client:
+                process = self.ssh.start(client, argv, secrets)
+                lines = list(process.lines(time.monotonic() + 7200))
+                status = process.wait()
+            wall = time.monotonic() - started
         out = [line for stream, line in lines if stream == "stdout"]
         errors = [line for stream, line in lines if stream == "stderr"]
         if status != 0 or not out:
@@ -322,7 +324,7 @@ class Line:
     met: bool | None = None
     note: str = ""
     compare: bool = True  # print its ratios to the floor and Sling
-    cpu: dict[str, float] | None = None  # CPU seconds: client, PostgreSQL, MariaDB (cpu_spent)
+    cpu: dict[str, float] | None = None  # CPU seconds: client, PostgreSQL, MariaDB (timed_step)
 
     @property
     def rate(self) -> float:
@@ -399,20 +401,18 @@ def ledger_rows(target: Engine, run_id: str, entity: str) -> int:
 def measure_peers(
     report: Report, dataset: str, legacy_url: str, target: Engine, sling_bin: Path | None, entities: tuple[str, ...]
 ) -> None:
-    for entity in entities:
-        checkpoint_target(target.url.render_as_string(hide_password=False))
-        with cpu_spent() as cpu:
-            timed = peers.floor(legacy_url, target, entity, SISTEMA)
-        say(f"{dataset:<8} floor  {entity:<11} {timed.rows:>9} {timed.seconds:>8.1f} {timed.rows_per_s:>8.0f}")
-        report.add(Line(dataset, "floor", entity, timed.rows, timed.seconds, cpu=cpu))
-    if sling_bin is None:
-        return
-    for entity in entities:
-        checkpoint_target(target.url.render_as_string(hide_password=False))
-        with cpu_spent() as cpu:
-            timed = peers.sling(sling_bin, legacy_url, target, entity, SISTEMA)
-        say(f"{dataset:<8} Sling  {entity:<11} {timed.rows:>9} {timed.seconds:>8.1f} {timed.rows_per_s:>8.0f}")
-        report.add(Line(dataset, "Sling", entity, timed.rows, timed.seconds, cpu=cpu))
+    url = target.url.render_as_string(hide_password=False)
+    measures: list[tuple[str, Callable[[str], peers.Timed]]] = [
+        ("floor", lambda entity: peers.floor(legacy_url, target, entity, SISTEMA))
+    ]
+    if sling_bin is not None:
+        measures.append(("Sling", lambda entity: peers.sling(sling_bin, legacy_url, target, entity, SISTEMA)))
+    for path, measure in measures:
+        for entity in entities:
+            with timed_step(url) as cpu:
+                timed = measure(entity)
+            say(f"{dataset:<8} {path:<6} {entity:<11} {timed.rows:>9} {timed.seconds:>8.1f} {timed.rows_per_s:>8.0f}")
+            report.add(Line(dataset, path, entity, timed.rows, timed.seconds, cpu=cpu))
 
 
 def first_runs(

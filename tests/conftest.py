@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 # Loaded as a full run that reads through connectorx loads it, whatever test comes first: the worker's COPYs
-# in tests then take the binary form such a run takes (worker/store.py, _copy_frame).
+# in tests then take the binary form such a run takes (worker/store.py, _copy_into).
 import pyarrow  # noqa: F401
 import pytest
 

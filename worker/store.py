@@ -288,10 +288,10 @@ def copy_frame(conn: Connection, table: Table, frame: Any) -> None:
         ]
         conn.execute(insert(table), rows)
         return
-    _copy_frame(conn, table, qualified_name(conn, table), frame)
+    _copy_into(conn, table, qualified_name(conn, table), frame)
 
 
-def _copy_frame(conn: Connection, table: Table, qualified: str, frame: Any) -> None:
+def _copy_into(conn: Connection, table: Table, qualified: str, frame: Any) -> None:
     """COPY a frame's rows into ``qualified`` (``table`` or a table made like it): in PostgreSQL's binary
     form when :func:`binary_columns` can write every column, else as CSV. The binary form costs the server
     about half the CPU of parsing the same rows as text (200k patients rows into a table without indexes:
@@ -387,12 +387,12 @@ def upsert_frame(conn: Connection, table: Table, key: Sequence[str], frame: Any,
         )
         if drawn.height != frame.height:
             raise RuntimeError("the target's id sequence gave fewer ids than rows")
-        _copy_frame(conn, table, target, pl.concat([drawn, frame], how="horizontal"))
+        _copy_into(conn, table, target, pl.concat([drawn, frame], how="horizontal"))
         return pl.DataFrame({"legacy_id": frame["legacy_id"], "id": drawn["id"]}, schema=types)
     stage = f"stage_{table.name}"
     conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {stage} AS SELECT {names} FROM {target} WITH NO DATA")
     conn.exec_driver_sql(f"TRUNCATE {stage}")
-    _copy_frame(conn, table, stage, frame)
+    _copy_into(conn, table, stage, frame)
     updates = ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in frame.columns if c not in key)
     result = conn.exec_driver_sql(
         f"INSERT INTO {target} ({names}) SELECT {names} FROM {stage} "
