@@ -33,7 +33,6 @@ from google.cloud import firestore
 from sqlalchemy import Engine
 
 from migration_assets.app.migrate import (
-    BLOB_WORKERS,
     Decision,
     Parents,
     decide_row,
@@ -48,6 +47,7 @@ from worker.counts import quarantine_frames
 from worker.verify import SAMPLE, Expected, Finding, Report, Stored, compare_frames, expected_frames, stored_frames
 
 PAGE_SIZE = 1000  # source rows, documents and quarantine rows read at a time
+READERS = 2  # files hashed at once, from a media source that can open several (a local folder) and the blob store
 
 DANGLING_USER = "dangling:user"
 DANGLING_FILE = "dangling:file"
@@ -81,7 +81,7 @@ def verify_app_partition(
     if page_size < 1:
         raise ValueError("page_size must be positive")
     malformed = Finding()
-    with ThreadPoolExecutor(max_workers=BLOB_WORKERS, thread_name_prefix="verify-read") as pool:
+    with ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="verify-read") as pool:
         report = compare_frames(
             expected_frames(
                 expected_records(

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 from dagster import DagsterInstance, materialize
@@ -244,6 +247,48 @@ def test_sftp_media_source_through_sshd(setup: Setup, sshd: Any) -> None:
     expected = setup.expected_fates("files", shard)
     documents = setup.documents("files", shard)
     assert {**{i: MIGRATED for i in documents}, **setup.quarantine("files", shard)} == expected
+
+
+class OneAtATime(LocalMediaSource):
+    """A media source that, like an SFTP session, must not be used by two threads at once: it records the
+    most files open at the same time and the threads that opened them."""
+
+    concurrent_opens = False
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        self.guard = threading.Lock()
+        self.open_now = self.most_open = 0
+        self.threads: set[int] = set()
+
+    @contextmanager
+    def open(self, relative_path: str) -> Iterator[BinaryIO]:
+        with self.guard:
+            self.open_now += 1
+            self.most_open = max(self.most_open, self.open_now)
+            self.threads.add(threading.get_ident())
+        try:
+            time.sleep(0.005)  # a network round trip: pages prepared at once would meet here
+            with super().open(relative_path) as reader:
+                yield reader
+        finally:
+            with self.guard:
+                self.open_now -= 1
+
+
+def test_files_are_read_from_the_media_source_by_one_thread_at_a_time(setup: Setup) -> None:
+    """Pages are prepared ahead on several threads, but an SFTP session serves one file at a time: every
+    file of a run is read on the run's one blob-copy thread."""
+    shard = busiest_shard(setup.tally)
+    setup.run("users", shard, "u")
+    media = OneAtATime(str(setup.media_root))
+    params = AppRunParameters(entity="files", shard=shard, usuario="tester", run_id="one", batch_size=2)
+    AppMigration(params, setup.django, setup.state, setup.firestore.writer(), media=media, blobs=setup.blobs).run()
+    assert media.threads and media.most_open == 1 and len(media.threads) == 1
+    documents = setup.documents("files", shard)
+    assert {**{i: MIGRATED for i in documents}, **setup.quarantine("files", shard)} == setup.expected_fates(
+        "files", shard
+    )
 
 
 def test_ledger_json_round_trips_timestamps() -> None:
