@@ -30,6 +30,7 @@ Decisions where §6 is silent (the caller and the tests rely on them):
 
 from __future__ import annotations
 
+import functools
 import re
 import uuid
 from collections.abc import Mapping
@@ -140,9 +141,15 @@ def _checked_size(value: Any, depth: int) -> int:
     first thing Firestore refuses in it, in one walk: depth past 20; in a map, key by key (an empty,
     non-text, non-Unicode or ``__name__`` key, then its value); in an array, item by item (an array
     directly inside it, then the item); text that is not Unicode, an integer outside int64, any other
-    type. Leaves are tested first: most values are, and none of their tests is an ABC's."""
+    type. Plain maps and lists are known by their exact type and leaves are tested next: only a value
+    of another kind meets an ABC's test."""
     if depth > MAX_FIELD_DEPTH:
         raise _Refused(f"nests deeper than {MAX_FIELD_DEPTH} levels")
+    kind = type(value)
+    if kind is dict:
+        return _checked_map_size(value, depth)
+    if kind is list:
+        return _checked_array_size(value, depth)
     if isinstance(value, str):
         size = _text_size(value)
         if size is None:
@@ -157,20 +164,29 @@ def _checked_size(value: Any, depth: int) -> int:
     if isinstance(value, (float, datetime)):
         return 8
     if isinstance(value, Mapping):
-        size = 0
-        for key, item in value.items():
-            size += _key_size(key) + _checked_size(item, depth + 1)
-        return size
+        return _checked_map_size(value, depth)
     if isinstance(value, (list, tuple)):
-        size = 0
-        for item in value:
-            if isinstance(item, (list, tuple)):
-                raise _Refused("holds an array inside an array")
-            size += _checked_size(item, depth + 1)
-        return size
+        return _checked_array_size(value, depth)
     raise _Refused("holds a value of a type Firestore cannot store")
 
 
+def _checked_map_size(value: Mapping[Any, Any], depth: int) -> int:
+    size = 0
+    for key, item in value.items():
+        size += _key_size(key) + _checked_size(item, depth + 1)
+    return size
+
+
+def _checked_array_size(value: list[Any] | tuple[Any, ...], depth: int) -> int:
+    size = 0
+    for item in value:
+        if isinstance(item, (list, tuple)):
+            raise _Refused("holds an array inside an array")
+        size += _checked_size(item, depth + 1)
+    return size
+
+
+@functools.lru_cache(maxsize=1024, typed=True)  # an entity's documents have the same few field names
 def _field_name_size(name: Any) -> int | None:
     """A top-level field name's storage size, or None when Firestore refuses it as a name."""
     if not isinstance(name, str) or not name or (name[:2] == "__" and _RESERVED_KEY.fullmatch(name)):
@@ -225,9 +241,10 @@ def strip_nul_deep(value: Any, field: str = "value") -> Any:
     def strip(item: Any, depth: int) -> Any:
         if depth > MAX_FIELD_DEPTH + 1:
             raise Quarantined(INVALID_VALUE, f"{field} nests deeper than {MAX_FIELD_DEPTH} levels")
-        if isinstance(item, str):
+        kind = type(item)  # JSON's own types by identity first: a list never meets the Mapping ABC's test
+        if kind is str or isinstance(item, str):
             return item.replace("\x00", "")
-        if isinstance(item, Mapping):
+        if kind is dict or (kind is not list and isinstance(item, Mapping)):
             stripped: dict[Any, Any] = {}
             for key, inner in item.items():
                 new_key = key.replace("\x00", "") if isinstance(key, str) else key

@@ -43,7 +43,12 @@ def name_size(path: str) -> int:
 
 def value_size(value: Any) -> int:
     """The size of one field value; ``TypeError`` for a type Firestore cannot store."""
-    if isinstance(value, str):  # the leaves documents are made of first: one test each, no ABC
+    kind = type(value)  # plain maps and lists by their exact type, then the leaves: an ABC's test comes last
+    if kind is dict:
+        return _map_size(value)
+    if kind is list:
+        return sum(value_size(item) for item in value)
+    if isinstance(value, str):
         return string_size(value)
     if value is None or isinstance(value, bool):  # before int: bool is an int subclass
         return 1
@@ -52,7 +57,7 @@ def value_size(value: Any) -> int:
     if isinstance(value, bytes | bytearray | memoryview):
         return len(value)
     if isinstance(value, Mapping):
-        return sum(string_size(str(key)) + value_size(item) for key, item in value.items())
+        return _map_size(value)
     if isinstance(value, list | tuple):
         return sum(value_size(item) for item in value)
     # google.cloud.firestore types, recognised by shape so this module imports nothing of google's
@@ -62,6 +67,13 @@ def value_size(value: Any) -> int:
     if isinstance(path, str):  # DocumentReference
         return name_size(path)
     raise TypeError(f"Firestore cannot store a value of type {type(value).__name__}")
+
+
+def _map_size(value: Mapping[Any, Any]) -> int:
+    size = 0
+    for key, item in value.items():
+        size += string_size(str(key)) + value_size(item)
+    return size
 
 
 def document_size(path: str, data: Mapping[str, Any]) -> int:
