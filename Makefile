@@ -73,7 +73,7 @@ bench: install sshd
 	$(PY) -m bench.clinical $(if $(N),--patients $(N))
 
 bench-app: install sshd
-	$(PY) -m bench.app $(if $(N),--users $(N))
+	$(PY) -m bench.app $(if $(N),--users $(N)) $(ARGS)
 
 ## the clinical integrity check (clinic-migrate verify) on a 500k-row patients partition, beside the floor of
 ## reading both sides (N=… patients to change); run it alone: the machine has 2 cores
