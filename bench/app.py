@@ -9,9 +9,10 @@ loopback sshd, all started here and removed afterwards:
    ``LocalMediaSource`` for files): documents written / seconds, summed over the shards; beside it the
    same documents committed with plain ``client.batch()`` commits of 500 into fresh collections of the
    same emulator (the "raw loop"), once just before and once just after the migration, and the ratio to
-   their mean. A warm-up pass (every entity migrated once into a project of its own, whose documents
-   the raw loops commit) comes first: the emulator's JVM runs what it has not done yet slower, and
-   the side measured first would pay for it. Beside each side's time, the CPU seconds it cost this
+   their mean; in ``--rounds`` rounds (default 3), each into a fresh project, and the median of the
+   rounds' ratios beside their range. A warm-up pass (every entity migrated once into a project of its
+   own, whose documents the raw loops commit) comes first: the emulator's JVM runs what it has not done
+   yet slower, and the side measured first would pay for it. Beside each side's time, the CPU seconds it cost this
    process (the client, every thread) and the emulator (its JVM): where a ratio comes from;
 2. MB/s of ``copy_blob(SFTPMediaSource, ...)`` into a local ``BlobStore`` beside a plain paramiko
    ``SFTPClient.get`` of the same files (N × 10 MB + one 200 MB), interleaved file by file;
@@ -38,6 +39,7 @@ import gc
 import io
 import os
 import pstats
+import statistics
 import tempfile
 import threading
 import time
@@ -114,6 +116,7 @@ def cpu_now(emulator: list[psutil.Process]) -> CPU:
 
 @dataclass(frozen=True)
 class AssetFigures:
+    round: int
     entity: str
     read: int
     written: int
@@ -126,6 +129,11 @@ class AssetFigures:
     def raw_rate(self) -> float:
         """Documents/s of the raw loop: the mean of its two runs' times."""
         return self.written / (sum(self.raw_seconds) / 2)
+
+    @property
+    def ratio(self) -> float:
+        """AppMigration's documents/s over the raw loop's."""
+        return self.written / self.seconds / self.raw_rate
 
 
 def migrate(
@@ -187,48 +195,66 @@ def migrate_entity(
     return read, written, seconds
 
 
-def bench_assets(django: Engine, host: str, media_root: Path, blob_root: Path) -> list[AssetFigures]:
-    """Per entity, the raw loop before and after its migration, in the same warm emulator.
+def bench_assets(django: Engine, host: str, media_root: Path, blob_root: Path, rounds: int) -> list[AssetFigures]:
+    """Per round and entity, the raw loop before and after its migration, in the same warm emulator.
 
     The emulator is a JVM: what it has not done yet runs slower until its JIT has compiled it. So every
     entity is first migrated once into a project of its own (the warm-up pass, printed, not compared),
-    whose documents the raw loops then commit; the measured pass migrates them again into a fresh project,
-    each entity between two raw loops of its documents (its own fresh collections of that project), and
-    is compared with their mean: neither side always meets the warmer emulator."""
+    whose documents the raw loops then commit; each measured round migrates them again into a fresh
+    project, each entity between two raw loops of its documents (its own fresh collections of that
+    project), and is compared with their mean: neither side always meets the warmer emulator. Rounds
+    repeat that whole pass, so that a ratio is read as the median of several, not from one noisy pair."""
     suffix = uuid.uuid4().hex[:8]
     warm = FirestoreResource(project=f"bench-app-warm-{suffix}", emulator_host=host)
-    resource = FirestoreResource(project=f"bench-app-{suffix}", emulator_host=host)
-    client = resource.client()
     documents: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for entity in ENTITIES:  # users, then files (need users), then filters (need files)
-        read, written, seconds = migrate_entity(
+        _, written, seconds = migrate_entity(
             entity, "warm", django, warm, media_root, BlobStore(str(blob_root / "warm"))
         )
         documents[entity] = read_back(warm.client(), entity)
         assert len(documents[entity]) == written, (entity, len(documents[entity]), written)
         print(f"  warm-up pass, {entity}: {written} documents in {seconds:.2f} s", flush=True)
-    blobs = BlobStore(str(blob_root / "measured"))
     emulator = emulator_processes(host)
     if not emulator:
         print("  (the emulator's process was not found: its CPU seconds below are 0)", flush=True)
+    rows: list[AssetFigures] = []
+    for number in range(1, rounds + 1):
+        resource = FirestoreResource(project=f"bench-app-{suffix}-{number}", emulator_host=host)
+        blobs = BlobStore(str(blob_root / f"measured-{number}"))
+        rows += measure_round(number, django, resource, media_root, blobs, documents, emulator)
+    return rows
+
+
+def measure_round(
+    number: int,
+    django: Engine,
+    resource: FirestoreResource,
+    media_root: Path,
+    blobs: BlobStore,
+    documents: dict[str, list[tuple[str, dict[str, Any]]]],
+    emulator: list[psutil.Process],
+) -> list[AssetFigures]:
+    """One measured round: each entity into ``resource``'s fresh project between two raw loops."""
+    client = resource.client()
     rows: list[AssetFigures] = []
     for entity in ENTITIES:
         start = cpu_now(emulator)
         before = raw_loop(client, f"raw_before_{entity}", documents[entity])
         between = cpu_now(emulator)
-        read, written, seconds = migrate_entity(entity, "bench", django, resource, media_root, blobs)
+        read, written, seconds = migrate_entity(entity, f"bench{number}", django, resource, media_root, blobs)
         migrated = cpu_now(emulator)
         after = raw_loop(client, f"raw_after_{entity}", documents[entity])
         end = cpu_now(emulator)
         assert written == len(documents[entity]) == count(client, entity), entity
         assert count(client, f"raw_before_{entity}") == count(client, f"raw_after_{entity}") == written, entity
         print(
-            f"  {entity}: {read} rows, {written} documents; raw loop {before:.2f} s, "
+            f"  round {number}, {entity}: {read} rows, {written} documents; raw loop {before:.2f} s, "
             f"AppMigration {seconds:.2f} s, raw loop {after:.2f} s",
             flush=True,
         )
         raw_cpu = CPU.mean(between - start, end - migrated)
-        rows.append(AssetFigures(entity, read, written, seconds, (before, after), migrated - between, raw_cpu))
+        figures = AssetFigures(number, entity, read, written, seconds, (before, after), migrated - between, raw_cpu)
+        rows.append(figures)
     return rows
 
 
@@ -379,7 +405,7 @@ def run_all(args: argparse.Namespace, work: Path, url: str) -> tuple[list[AssetF
             took = time.perf_counter() - started
             print(f"generated {args.users} users in {took:.1f} s; migratable: {totals}", flush=True)
             print(f"emulator at {host}; migrating 16 shards of each entity", flush=True)
-            assets = bench_assets(django, host, work / "media", work / "blobs")
+            assets = bench_assets(django, host, work / "media", work / "blobs", args.rounds)
             if args.profile:
                 profile_shard(django, host, work / "media", work / "blobs-profile", args.top)
         finally:
@@ -395,6 +421,7 @@ def run_all(args: argparse.Namespace, work: Path, url: str) -> tuple[list[AssetF
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=8000)
+    parser.add_argument("--rounds", type=int, default=3, help="measured rounds of every entity (median reported)")
     parser.add_argument("--small-files", type=int, default=20, help="SFTP: this many files of --small-mb")
     parser.add_argument("--small-mb", type=int, default=10)
     parser.add_argument("--large-mb", type=int, default=200, help="SFTP: one file of this size (RSS measured)")
@@ -427,9 +454,15 @@ def main() -> None:
         ours, raw = figures.written / figures.seconds, figures.raw_rate
         before, after = figures.raw_seconds
         print(
-            f"| `{figures.entity}` docs/s ({figures.written} docs of {figures.read} rows, {figures.seconds:.2f} s vs "
-            f"{before:.2f} s before / {after:.2f} s after) | {ours:,.0f} | {raw:,.0f} | {ours / raw:.2f}× "
-            f"| ≥ {TARGET_APP}× |"
+            f"| round {figures.round}: `{figures.entity}` docs/s ({figures.written} docs of {figures.read} rows, "
+            f"{figures.seconds:.2f} s vs {before:.2f} s before / {after:.2f} s after) | {ours:,.0f} | {raw:,.0f} "
+            f"| {figures.ratio:.2f}× | |"
+        )
+    for entity in ENTITIES:
+        ratios = sorted(figures.ratio for figures in assets if figures.entity == entity)
+        print(
+            f"| `{entity}`: the median of {len(ratios)} rounds (range {ratios[0]:.2f}–{ratios[-1]:.2f}×) | | "
+            f"| {statistics.median(ratios):.2f}× | ≥ {TARGET_APP}× |"
         )
     megabytes = sftp["bytes"] / MB
     copy_rate = megabytes / sftp["seconds"]["copy_blob"]
@@ -451,8 +484,9 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     for figures in assets:
         spent, loop = figures.cpu, figures.raw_cpu
+        raw_mean = sum(figures.raw_seconds) / 2
         print(
-            f"| `{figures.entity}` ({figures.seconds:.2f} s vs {sum(figures.raw_seconds) / 2:.2f} s) "
+            f"| round {figures.round}: `{figures.entity}` ({figures.seconds:.2f} s vs {raw_mean:.2f} s) "
             f"| {spent.here:.2f} ({spent.kernel:.2f}) | {spent.emulator:.2f} | {loop.here:.2f} | {loop.emulator:.2f} |"
         )
     print(f"\nwall time {time.perf_counter() - wall:.1f} s")
