@@ -241,9 +241,9 @@ def strip_nul_deep(value: Any, field: str = "value") -> Any:
     def strip(item: Any, depth: int) -> Any:
         if depth > MAX_FIELD_DEPTH + 1:
             raise Quarantined(INVALID_VALUE, f"{field} nests deeper than {MAX_FIELD_DEPTH} levels")
-        kind = type(item)  # JSON's own types by identity first: a list never meets the Mapping ABC's test
-        if kind is str or isinstance(item, str):
+        if isinstance(item, str):
             return item.replace("\x00", "")
+        kind = type(item)  # a plain dict or list by identity: neither meets the Mapping ABC's test
         if kind is dict or (kind is not list and isinstance(item, Mapping)):
             stripped: dict[Any, Any] = {}
             for key, inner in item.items():
