@@ -53,6 +53,7 @@ from bench import peers
 from demo.databases import MARIADB_ADMIN, POSTGRES_ADMIN, throwaway_database
 from demo.legacy_data import generate
 from demo.sshd import running_sshd
+from resources.processes import Stream
 from resources.ssh import SSHResource
 from worker import schema
 
@@ -155,10 +156,7 @@ class Worker:
         secrets = json.dumps(urls).encode()
         with timed_step(urls["target_db_url"]) as cpu:
             started = time.monotonic()  # from the SSH connection on, to its close
-            with self.ssh.connect() as client:
-                process = self.ssh.start(client, argv, secrets)
-                lines = list(process.lines(time.monotonic() + 7200))
-                status = process.wait()
+            _, lines, status = self._over_ssh(argv, secrets, 7200)
             wall = time.monotonic() - started
         out = [line for stream, line in lines if stream == "stdout"]
         errors = [line for stream, line in lines if stream == "stderr"]
@@ -181,15 +179,23 @@ class Worker:
         connects, commands = [], []
         for _ in range(rounds):
             started = time.monotonic()
-            with self.ssh.connect() as client:
-                connected = time.monotonic()
-                process = self.ssh.start(client, ["true"], b"")
-                list(process.lines(time.monotonic() + 60))
-                if process.wait() != 0:
-                    raise RuntimeError("`true` over SSH failed")
-            connects.append(connected - started)
-            commands.append(time.monotonic() - connected)
+            connect, _, status = self._over_ssh(["true"], b"", 60)
+            if status != 0:
+                raise RuntimeError("`true` over SSH failed")
+            connects.append(connect)
+            commands.append(time.monotonic() - started - connect)
         return statistics.median(connects), statistics.median(commands)
+
+    def _over_ssh(self, argv: list[str], stdin: bytes, timeout: float) -> tuple[float, list[tuple[Stream, str]], int]:
+        """Connect, run ``argv`` with ``stdin``, read its output lines to the end and close: the seconds the
+        connection took, the (stream, line) pairs and the exit status."""
+        started = time.monotonic()
+        with self.ssh.connect() as client:
+            connected = time.monotonic()
+            process = self.ssh.start(client, argv, stdin)
+            lines = list(process.lines(time.monotonic() + timeout))
+            status = process.wait()
+        return connected - started, lines, status
 
 
 # --- the data --------------------------------------------------------------------------------

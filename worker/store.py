@@ -56,22 +56,23 @@ def _names(columns: Sequence[str]) -> str:
 
 
 @contextmanager
-def _raw_cursor(conn: Connection, statement: str) -> Iterator[Any]:
-    """A cursor of the driver itself (for COPY), whose errors are raised as SQLAlchemy raises the same
-    error from an execute (a :class:`DBAPIError` with ``orig``, bound values hidden): callers tell a value
-    the target refuses (:func:`is_refused_value`) from any other failure the same way for both."""
+def _copy_in(conn: Connection, statement: str) -> Iterator[Any]:
+    """The driver's own ``COPY … FROM STDIN`` of ``statement`` (psycopg's ``Copy``, to write to), on a cursor
+    whose errors are raised as SQLAlchemy raises the same error from an execute (a :class:`DBAPIError` with
+    ``orig``, bound values hidden): callers tell a value the target refuses (:func:`is_refused_value`) from
+    any other failure the same way for both."""
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     base = conn.dialect.loaded_dbapi.Error
     try:
-        with cursor:
-            yield cursor
+        with cursor, cursor.copy(statement) as copy:
+            yield copy
     except base as problem:
         raise DBAPIError.instance(statement, None, problem, base, hide_parameters=True) from None
 
 
 def _copy(conn: Connection, qualified: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     statement = f"COPY {qualified} ({_names(columns)}) FROM STDIN"
-    with _raw_cursor(conn, statement) as cursor, cursor.copy(statement) as copy:
+    with _copy_in(conn, statement) as copy:
         for row in rows:
             copy.write_row(row)
 
@@ -306,7 +307,7 @@ def _copy_into(conn: Connection, table: Table, qualified: str, frame: Any) -> No
 
     statement = f"COPY {qualified} ({_names(frame.columns)}) FROM STDIN WITH (FORMAT binary)"
     encoder = pgpq.ArrowToPostgresBinaryEncoder(arrow.schema)
-    with _raw_cursor(conn, statement) as cursor, cursor.copy(statement) as copy:
+    with _copy_in(conn, statement) as copy:
         copy.write(encoder.write_header())
         for batch in arrow.to_batches():
             copy.write(encoder.write_batch(batch))
@@ -356,7 +357,7 @@ def _copy_csv(conn: Connection, qualified: str, frame: Any) -> None:
         date_format="%Y-%m-%d",
     )
     statement = f"COPY {qualified} ({_names(frame.columns)}) FROM STDIN WITH (FORMAT csv, NULL '\\N')"
-    with _raw_cursor(conn, statement) as cursor, cursor.copy(statement) as copy:
+    with _copy_in(conn, statement) as copy:
         copy.write(buffer.getbuffer())
 
 
