@@ -18,6 +18,9 @@ loopback sshd, all started here and removed afterwards:
    ``SFTPClient.get`` of the same files (N × 10 MB + one 200 MB), interleaved file by file;
 3. the peak RSS growth of this process while ``copy_blob`` copies the 200 MB file over SFTP (and, for
    reference, while ``SFTPClient.get`` does).
+4. µs a document of looking documents up by id, as a run looks up the parents its rows name: the writer's
+   ``get_many`` beside the client library's ``get_all`` of the same ~37,000 paths (every users and files
+   document of the warm-up project, and as many ids that have none).
 
 ``--work-dir`` chooses the file system the media folder and the blob stores are on (default: the system's
 temporary folder). A files pass makes ~19,000 inodes (10,636 blobs and their 8,000 folders), and how long
@@ -60,7 +63,7 @@ from demo.firestore_emulator import running_emulator
 from demo.sshd import running_sshd
 from migration_assets.app.migrate import ENTITIES, AppMigration, AppRunParameters
 from resources.blobstore import BlobStore, copy_blob
-from resources.firestore import FirestoreResource
+from resources.firestore import FirestoreResource, get_many
 from resources.media import LocalMediaSource, SFTPMediaSource
 from resources.ssh import SSHResource
 from worker import app_rules, schema
@@ -195,7 +198,44 @@ def migrate_entity(
     return read, written, seconds
 
 
-def bench_assets(django: Engine, host: str, media_root: Path, blob_root: Path, rounds: int) -> list[AssetFigures]:
+@dataclass(frozen=True)
+class LookUpFigures:
+    """Documents looked up by id: the writer's ``get_many`` beside the client library's ``get_all``."""
+
+    documents: int
+    seconds: dict[str, float]  # "writer" / "library": the median wall time of the repeats
+    cpu: dict[str, float]  # the same, this process's CPU seconds
+
+
+def bench_look_ups(resource: FirestoreResource, paths: list[str], repeats: int = 3) -> LookUpFigures:
+    """Every path looked up by id for its ``legacy_id`` only, as a run looks up the parents its rows name, in
+    the writer's requests of 300: ``DocumentWriter.get_many`` (raw BatchGetDocuments messages, read on the
+    calling thread) and the client library's ``get_all`` (snapshots), alternating, ``repeats`` times each."""
+    writer, client = resource.writer(), resource.client()
+    sides: dict[str, Callable[[], Any]] = {
+        "writer": lambda: writer.get_many(paths, fields=["legacy_id"]),
+        "library": lambda: get_many(client, paths, fields=["legacy_id"]),
+    }
+    walls: dict[str, list[float]] = {side: [] for side in sides}
+    cpus: dict[str, list[float]] = {side: [] for side in sides}
+    results = {}
+    for _ in range(repeats):
+        for side, look_up in sides.items():
+            started, cpu = time.perf_counter(), time.process_time()
+            results[side] = look_up()
+            walls[side].append(time.perf_counter() - started)
+            cpus[side].append(time.process_time() - cpu)
+    assert results["writer"] == results["library"]
+    return LookUpFigures(
+        len(paths),
+        {side: statistics.median(values) for side, values in walls.items()},
+        {side: statistics.median(values) for side, values in cpus.items()},
+    )
+
+
+def bench_assets(
+    django: Engine, host: str, media_root: Path, blob_root: Path, rounds: int
+) -> tuple[list[AssetFigures], LookUpFigures]:
     """Per round and entity, the raw loop before and after its migration, in the same warm emulator.
 
     The emulator is a JVM: what it has not done yet runs slower until its JIT has compiled it. So every
@@ -203,7 +243,9 @@ def bench_assets(django: Engine, host: str, media_root: Path, blob_root: Path, r
     whose documents the raw loops then commit; each measured round migrates them again into a fresh
     project, each entity between two raw loops of its documents (its own fresh collections of that
     project), and is compared with their mean: neither side always meets the warmer emulator. Rounds
-    repeat that whole pass, so that a ratio is read as the median of several, not from one noisy pair."""
+    repeat that whole pass, so that a ratio is read as the median of several, not from one noisy pair.
+    Last, the look-ups of every users and files document of the warm-up project, and of as many ids again
+    that have none (``bench_look_ups``)."""
     suffix = uuid.uuid4().hex[:8]
     warm = FirestoreResource(project=f"bench-app-warm-{suffix}", emulator_host=host)
     documents: dict[str, list[tuple[str, dict[str, Any]]]] = {}
@@ -222,7 +264,9 @@ def bench_assets(django: Engine, host: str, media_root: Path, blob_root: Path, r
         resource = FirestoreResource(project=f"bench-app-{suffix}-{number}", emulator_host=host)
         blobs = BlobStore(str(blob_root / f"measured-{number}"))
         rows += measure_round(number, django, resource, media_root, blobs, documents, emulator)
-    return rows
+    paths = [f"{entity}/{prefix}{document_id}" for entity in ("users", "files") for prefix in ("", "9")
+             for document_id, _ in documents[entity]]  # fmt: skip
+    return rows, bench_look_ups(warm, paths)
 
 
 def measure_round(
@@ -393,7 +437,7 @@ def file_system(path: Path) -> str:
     return max(mounts)[1] if mounts else "unknown file system"
 
 
-def run_all(args: argparse.Namespace, work: Path, url: str) -> tuple[list[AssetFigures], Any]:
+def run_all(args: argparse.Namespace, work: Path, url: str) -> tuple[list[AssetFigures], LookUpFigures, Any]:
     """Sections 1 (with the emulator) and 2-3 (with sshd); each server is stopped when its section ends."""
     print(f"media and blobs under {work} ({file_system(work)})", flush=True)
     with running_emulator() as host:
@@ -405,7 +449,7 @@ def run_all(args: argparse.Namespace, work: Path, url: str) -> tuple[list[AssetF
             took = time.perf_counter() - started
             print(f"generated {args.users} users in {took:.1f} s; migratable: {totals}", flush=True)
             print(f"emulator at {host}; migrating 16 shards of each entity", flush=True)
-            assets = bench_assets(django, host, work / "media", work / "blobs", args.rounds)
+            assets, look_ups = bench_assets(django, host, work / "media", work / "blobs", args.rounds)
             if args.profile:
                 profile_shard(django, host, work / "media", work / "blobs-profile", args.top)
         finally:
@@ -415,7 +459,7 @@ def run_all(args: argparse.Namespace, work: Path, url: str) -> tuple[list[AssetF
     print(f"SFTP: {args.small_files} × {args.small_mb} MB + 1 × {args.large_mb} MB", flush=True)
     with running_sshd(work / "sshd") as server:
         sftp = bench_sftp(server, work / "sftp-media", names, work)
-    return assets, sftp
+    return assets, look_ups, sftp
 
 
 def main() -> None:
@@ -441,7 +485,7 @@ def main() -> None:
         throwaway_database(POSTGRES_ADMIN, "bench_app") as url,
     ):
         try:
-            assets, sftp = run_all(args, Path(tmp), url)
+            assets, look_ups, sftp = run_all(args, Path(tmp), url)
         except BaseException as problem:  # re-raised below: throwaway_database drops only on a normal exit
             failure = problem
     if failure is not None:
@@ -464,6 +508,14 @@ def main() -> None:
             f"| `{entity}`: the median of {len(ratios)} rounds (range {ratios[0]:.2f}–{ratios[-1]:.2f}×) | | "
             f"| {statistics.median(ratios):.2f}× | ≥ {TARGET_APP}× |"
         )
+    per_document = {side: seconds / look_ups.documents * 1e6 for side, seconds in look_ups.seconds.items()}
+    cpu_per_document = {side: seconds / look_ups.documents * 1e6 for side, seconds in look_ups.cpu.items()}
+    print(
+        f"| look-ups by id, µs a document, wall (this process's CPU) ({look_ups.documents:,} paths, half of them "
+        f"missing: writer.get_many vs the library's get_all) | {per_document['writer']:,.1f} "
+        f"({cpu_per_document['writer']:,.1f}) | {per_document['library']:,.1f} ({cpu_per_document['library']:,.1f}) "
+        f"| {per_document['library'] / per_document['writer']:.2f}× as fast | |"
+    )
     megabytes = sftp["bytes"] / MB
     copy_rate = megabytes / sftp["seconds"]["copy_blob"]
     get_rate = megabytes / sftp["seconds"]["get"]

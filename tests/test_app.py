@@ -7,6 +7,7 @@ reason); a shard's run must end exactly there, document for document.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -33,10 +34,11 @@ from resources.blobstore import BlobStore
 from resources.firestore import DocumentWriter, FirestoreResource, PartialCommit, Write
 from resources.media import LocalMediaSource, SFTPMediaSource
 from resources.ssh import SSHResource
-from worker import app_rules, schema
+from worker import app_rules, django_schema, schema
 from worker.engine import MassDeleteRefused
 
 pytestmark = pytest.mark.integration
+SOURCE_FILES = django_schema.SOURCES["files"]
 ENTITIES = ("users", "files", "filters")
 
 
@@ -217,6 +219,91 @@ def test_a_killed_run_resumes_without_duplicates_or_gaps(setup: Setup) -> None:
     result = setup.run("files", shard, "resumed", batch_size=3)
     assert result.resumed_from == "killed"
     assert_resumed_run_is_whole(setup, shard)
+
+
+class CountingWriter(DocumentWriter):
+    """The real writer, counting the shard counts it is asked for."""
+
+    def __init__(self, inner: DocumentWriter) -> None:
+        super().__init__(inner.client, channel=inner.channel)
+        self.counts = 0
+
+    def count(self, collection: str, shard: str) -> int:
+        self.counts += 1
+        return super().count(collection, shard)
+
+
+def forget_what_was_written(setup: Setup) -> None:
+    """The control DB loses its record of the shards written (a new control DB, or documents written by
+    another tool): Firestore still holds them."""
+    with setup.state.begin() as conn:
+        conn.execute(schema.app_shards_written.delete())
+
+
+def test_a_shard_never_written_is_not_counted_and_a_written_one_is(setup: Setup) -> None:
+    """The emulator scans the whole collection to count a shard: a first run skips it."""
+    shard = busiest_shard(setup.tally)
+    first = CountingWriter(setup.firestore.writer())
+    assert setup.run("users", shard, "first", writer=first).counts.inserted > 0
+    second = CountingWriter(setup.firestore.writer())
+    result = setup.run("users", shard, "second", writer=second)
+    assert (first.counts, second.counts) == (0, 1)
+    assert result.counts.inserted == 0 and result.counts.unchanged == len(setup.documents("users", shard))
+
+
+def test_documents_the_control_db_did_not_know_of_are_found_and_their_previous_version_kept(setup: Setup) -> None:
+    shard = busiest_shard(setup.tally)
+    setup.run("users", shard, "old")
+    before = setup.documents("users", shard)
+    changed = sorted(before)[4]  # in the second page of three
+    with setup.django.begin() as conn:
+        conn.exec_driver_sql(f"UPDATE auth_user SET first_name = 'Renamed' WHERE id = {changed}")
+    forget_what_was_written(setup)
+    result = setup.run("users", shard, "new", batch_size=3)
+    assert any("exists already" in line for line in setup.logs)
+    counts = result.counts
+    assert (counts.inserted, counts.updated, counts.unchanged) == (0, 1, len(before) - 1)
+    assert result.resumed_from is None
+    ledger = schema.ledger
+    with setup.state.connect() as conn:
+        rows = conn.execute(select(ledger.c.legacy_id, ledger.c.action, ledger.c.previous).where(
+            ledger.c.run_id == "new")).all()  # fmt: skip
+        status = conn.scalar(select(schema.runs.c.status).where(schema.runs.c.run_id == "new"))
+    assert [(legacy_id, action) for legacy_id, action, _ in rows] == [(changed, "updated")]
+    kept = from_ledger(rows[0].previous["document"])
+    assert kept == {key: value for key, value in before[changed].items() if key != "_updated"}
+    assert status == "succeeded"
+    after = setup.documents("users", shard)
+    assert after[changed]["first_name"] == "Renamed"
+    assert all(after[i]["_updated"] == before[i]["_updated"] for i in before if i != changed)
+
+
+def test_a_blob_the_control_db_did_not_know_of_is_kept_before_it_is_overwritten(setup: Setup) -> None:
+    shard = busiest_shard(setup.tally)
+    setup.run("users", shard, "u")
+    setup.run("files", shard, "f1")
+    documents = setup.documents("files", shard)
+    changed = min(documents)  # in the first page
+    key = app_rules.blob_key(documents[changed]["user_id"], documents[changed]["file_id"])
+    old_content = (setup.blob_root / key).read_bytes()
+    new_content = old_content + b"\nanother line\n"
+    with setup.django.connect() as conn:
+        path = conn.scalar(select(SOURCE_FILES.c.file_path).where(SOURCE_FILES.c.id == changed))
+    (setup.media_root / path).write_bytes(new_content)
+    with setup.django.begin() as conn:
+        conn.execute(
+            SOURCE_FILES.update()
+            .where(SOURCE_FILES.c.id == changed)
+            .values(sha256=hashlib.sha256(new_content).hexdigest(), updated_at=func.now())
+        )
+    forget_what_was_written(setup)
+    result = setup.run("files", shard, "f2", batch_size=3)
+    assert (result.counts.inserted, result.counts.updated) == (0, 1)
+    ledger = schema.ledger
+    with setup.state.connect() as conn:
+        previous = conn.scalar(select(ledger.c.previous).where(ledger.c.run_id == "f2"))
+    assert (setup.blob_root / previous["blob"]).read_bytes() == old_content
+    assert (setup.blob_root / key).read_bytes() == new_content
 
 
 def test_full_run_deletes_documents_whose_source_is_gone_and_the_guard_holds(setup: Setup) -> None:

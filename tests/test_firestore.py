@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import grpc
 import pytest
 from google.api_core import exceptions as api_exceptions
 from google.api_core.datetime_helpers import DatetimeWithNanoseconds
@@ -325,7 +326,8 @@ def test_the_writers_requests_are_the_client_librarys_byte_for_byte(
     resource: FirestoreResource, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The writer builds its Commit requests itself (10x cheaper than proto-plus): the same messages as the
-    client library's ``WriteBatch.set``/``delete`` of the same writes, every type and corner included."""
+    client library's ``WriteBatch.set``/``create``/``delete`` of the same writes, every type and corner
+    included."""
     client = resource.client()
     data = {
         "int": 42,
@@ -351,7 +353,13 @@ def test_the_writers_requests_are_the_client_librarys_byte_for_byte(
         "geo": GeoPoint(1.5, -2.5),
         "reference": client.document("users/7"),
     }
-    writes = [Write("users/1", data), Write("users/2", {}), Write("files/3", {"n": 3}), Write("users/4", None)]
+    writes = [
+        Write("users/1", data),
+        Write("users/2", {}),
+        Write("files/3", {"n": 3}),
+        Write("users/4", None),
+        Write("users/5", {"n": 5}, create=True),
+    ]
     sent: list[Any] = []
     original = FirestoreApi.commit
 
@@ -361,7 +369,9 @@ def test_the_writers_requests_are_the_client_librarys_byte_for_byte(
 
     monkeypatch.setattr(FirestoreApi, "commit", commit)
     DocumentWriter(client).commit(writes)  # the client library's WriteBatch
-    resource.writer().commit(writes)  # the writer's own requests
+    with pytest.raises(PartialCommit) as refused:  # the writer's own requests: users/5 exists by now
+        resource.writer().commit(writes)
+    assert refused.value.already_exists and refused.value.committed == 0
     assert len(sent) == 2 and resource.writer().channel is not None
     assert sent[0] == sent[1]
     assert sent[0].SerializeToString(deterministic=True) == sent[1].SerializeToString(deterministic=True)
@@ -372,6 +382,20 @@ def test_set_replaces_the_whole_document_and_none_deletes(resource: FirestoreRes
     writer.commit([Write("users/1", {"a": 1, "b": {"c": 2, "d": 3}}), Write("users/2", {"a": 2})])
     writer.commit([Write("users/1", {"b": {"c": 5}}), Write("users/2", None)])
     assert writer.get_many(["users/1", "users/2"]) == {"users/1": {"b": {"c": 5}}, "users/2": None}
+
+
+def test_a_create_of_an_existing_document_refuses_its_whole_request(resource: FirestoreResource) -> None:
+    writer = resource.writer(max_writes=2)
+    writer.commit([Write("users/2", {"n": 2, "v": "old"})])
+    writes = [Write("users/1", {"n": 1}, create=True), Write("users/9", None),  # request 1
+              Write("users/3", {"n": 3}, create=True), Write("users/2", {"n": 2}, create=True)]  # fmt: skip
+    with pytest.raises(PartialCommit) as refused:
+        writer.commit(writes)
+    assert refused.value.already_exists and (refused.value.committed, refused.value.in_doubt) == (2, 0)
+    stored = writer.get_many(["users/1", "users/2", "users/3"])
+    assert stored == {"users/1": {"n": 1}, "users/2": {"n": 2, "v": "old"}, "users/3": None}
+    with pytest.raises(ValueError, match="deletion"):
+        Write("users/4", None, create=True)
 
 
 def test_600_writes_are_two_requests(resource: FirestoreResource, spy: CommitSpy) -> None:
@@ -531,6 +555,52 @@ def test_the_writers_reads_are_the_client_librarys(resource: FirestoreResource) 
     assert unusual_ours.pop("reference").path == unusual_library.pop("reference").path == "users/1"
     assert unusual_ours == unusual_library == {"raw": b"\x01", "underscored": {"__kind": "x"}}
     assert isinstance(ours["users/1"]["when"], DatetimeWithNanoseconds)  # as the library returns timestamps
+
+
+class InjectedRpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return "injected"
+
+    def trailing_metadata(self) -> None:
+        return None
+
+
+class FlakyLookUps:
+    """The writer's raw BatchGetDocuments call, whose next calls fail with ``codes`` first."""
+
+    def __init__(self, inner: Any, codes: list[grpc.StatusCode]) -> None:
+        self.inner, self.codes, self.calls = inner, codes, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.codes:
+            raise InjectedRpcError(self.codes.pop(0))
+        return self.inner(*args, **kwargs)
+
+
+def test_look_ups_are_retried_like_commits_and_fail_with_the_api_clients_errors(resource: FirestoreResource) -> None:
+    sleeps = Sleeps()
+    writer = resource.writer(sleep=sleeps, retry=RetryPolicy(attempts=3, initial=0.01))
+    writer.commit([Write("users/1", {"n": 1})])
+    assert writer.channel is not None
+    real = writer.channel.batch_get
+    flaky = FlakyLookUps(real, [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED])
+    writer.channel.__dict__["batch_get"] = flaky  # the cached call, replaced
+    assert writer.get_many(["users/1", "users/2"]) == {"users/1": {"n": 1}, "users/2": None}
+    assert (flaky.calls, len(sleeps)) == (3, 2)
+    writer.channel.__dict__["batch_get"] = FlakyLookUps(real, [grpc.StatusCode.UNAVAILABLE] * 3)
+    with pytest.raises(api_exceptions.ServiceUnavailable):
+        writer.get_many(["users/1"])
+    writer.channel.__dict__["batch_get"] = FlakyLookUps(real, [grpc.StatusCode.PERMISSION_DENIED])
+    with pytest.raises(api_exceptions.PermissionDenied):
+        writer.get_many(["users/1"])
+    assert len(sleeps) == 4  # two more for the UNAVAILABLEs, none for a refusal
 
 
 def test_the_resource_talks_to_its_emulator_without_touching_the_environment(

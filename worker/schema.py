@@ -242,6 +242,23 @@ runs = Table(
     schema="migration",
 )
 
+# The app path's control tables (not created on the clinical worker's target).
+app_state_metadata = MetaData()
+
+app_shards_written = Table(
+    "app_shards_written",
+    app_state_metadata,
+    # A run may have written documents of this entity and shard to this Firestore database; recorded
+    # before its first write. A shard without a row is taken to be empty: its run skips the count and
+    # writes with an exists=false precondition, which finds out if the control DB was wrong.
+    Column("database", String(255), primary_key=True),
+    Column("entity", String(32), primary_key=True),
+    Column("partition_key", String(64), primary_key=True),
+    Column("run_id", String(64), nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    schema="migration",
+)
+
 
 _ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()  # every engine make_engine made, while it lives
 

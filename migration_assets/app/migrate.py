@@ -44,7 +44,7 @@ from typing import Any, Literal
 from sqlalchemy import Connection, Engine, and_, delete, func, select
 
 from resources.blobstore import BlobStore, copy_blob, hash_source
-from resources.firestore import DocumentWriter, Write
+from resources.firestore import DocumentWriter, PartialCommit, Write
 from resources.media import MediaError, MediaSource
 from worker import app_rules, django_schema, locks, rules, schema, store
 from worker.engine import Counts, MassDeleteRefused, Result
@@ -299,6 +299,14 @@ def read_file_document(row: Mapping[str, Any], users: set[Any], media: MediaSour
     return plan.document(*read_file_content(media, row, plan))
 
 
+class ShardNotEmpty(Exception):
+    """A run that took its shard to be empty (the control DB had no record of writing it) found one of
+    its documents, or a file's blob, there. Nothing of the refused request was written; the run goes on
+    from its last checkpoint, counting and reading the shard as any other run does."""
+
+    resumed_from: str | None = None  # the run the refused run had resumed, if any
+
+
 class AppMigration:
     """One run of one app entity over one shard."""
 
@@ -331,7 +339,8 @@ class AppMigration:
         self.shard_number = app_rules.shard_number(params.shard)
         self.delete_budget: int | None = None  # deletions this full run may make; None: unlimited
         self.migrated_before = 0  # the shard's documents when the run started
-        self.fresh = False  # the shard had no document when the run started: nothing to read back
+        # The shard is taken to be empty (see _run): nothing is read back, and inserts are creates.
+        self.creates = False
         self.copier: ThreadPoolExecutor | None = None  # the run's blob-copy thread, while it runs
         self._parents_seen: dict[str, dict[Any, bool]] = {}  # collection → parent id → migrated?
         self._parents_locks = {"users": threading.Lock(), "files": threading.Lock()}
@@ -356,14 +365,25 @@ class AppMigration:
     def run(self) -> Result:
         started = time.monotonic()
         if self.state not in _SCHEMAS_READY:  # once per control DB engine and process, not per shard's run
-            schema.create_schemas(self.state, schema.state_metadata)
+            schema.create_schemas(self.state, schema.state_metadata, schema.app_state_metadata)
             _SCHEMAS_READY.add(self.state)
         p = self.params
-        with ExitStack() as stack:
-            state = stack.enter_context(self.state.connect())
-            # One writer per entity and shard; nothing of the run's state is touched before the lock.
-            stack.enter_context(locks.exclusive(state, p.entity, p.shard, self.lock_wait_seconds))
+        # One writer per entity and shard; nothing of the run's state is touched before the lock.
+        with self.state.connect() as state, locks.exclusive(state, p.entity, p.shard, self.lock_wait_seconds):
             self.book.close_interrupted_runs(state)
+            try:
+                return self._run(state, started)
+            except ShardNotEmpty as found:
+                state.rollback()
+                self.log(f"{found}: counting and reading the shard's documents from here on")
+                return self._run(state, started, going_on=found)
+
+    def _run(self, state: Connection, started: float, going_on: ShardNotEmpty | None = None) -> Result:
+        """The run, under its lock; ``going_on``: again, after the shard was found not to be empty. Nothing of
+        the refused request was written: the run goes on as if resuming itself (its ledger rows past its
+        checkpoint settled), and counts the shard and reads its documents before each page is written."""
+        p = self.params
+        with ExitStack() as stack:
             checkpoint = None if p.dry_run else self.book.resumable_checkpoint(state)
             incremental = p.mode == "incremental" and self.updated_at is not None
             if p.mode == "incremental" and not incremental:
@@ -376,9 +396,17 @@ class AppMigration:
             watermark = checkpoint["watermark"] if checkpoint else self._source_watermark()
             after = checkpoint["last_legacy_id"] if checkpoint else -1
             resumed_from = checkpoint["run_id"] if checkpoint else None
-            if resumed_from:
+            if resumed_from and not going_on:
                 self.log(f"resuming after legacy id {after}, checkpointed by run {resumed_from}")
-                self._settle_write_ahead(state, resumed_from, after)
+            if resumed_from or going_on:
+                self._settle_write_ahead(state, resumed_from or p.run_id, after)
+            if going_on:
+                resumed_from = going_on.resumed_from
+            # A shard this control DB never saw written to this database is taken to be empty, not counted
+            # (the emulator scans the whole collection to count one shard). Its inserts are creates, which
+            # Firestore refuses if a document exists after all (ShardNotEmpty).
+            written = p.dry_run or self._written_before(state)
+            self.creates = not written and checkpoint is None
             read_before = counts.read
             # Reads run ahead of the batches on threads of their own (they wait on Firestore and the
             # Django DB, not on the GIL): the shard's document count, the next page of source rows and
@@ -389,13 +417,18 @@ class AppMigration:
             # The shard's documents before this run (a count aggregation, nothing read): a full run's
             # deletion budget, and, when there are none (a first run), no document needs reading back.
             # Counted while the run is recorded and its first pages are read.
-            counted = readers.submit(self.firestore.count, p.entity, p.shard)
+            counted: Future[int] = Future()
+            if self.creates:
+                counted.set_result(0)
+            else:
+                counted = readers.submit(self.firestore.count, p.entity, p.shard)
             batches = stack.enter_context(closing(self._prepared_batches(readers, counted, after, since)))
+            if not written:
+                self._record_written(state)  # before any write; committed with the run's start
             self.book.record_start(state, mode, resumed_from)
             sweeps = mode == "full" and p.mode == "full"
             try:
                 self.migrated_before = counted.result()
-                self.fresh = self.migrated_before == 0
                 if sweeps and not p.allow_mass_delete:
                     self.delete_budget = int(self.migrated_before * p.max_delete_share)
                 last_report = time.monotonic()
@@ -425,11 +458,43 @@ class AppMigration:
                 self.book.checkpoint(state, after, counts.as_dict(), watermark, "done")
                 self._commit(state)
                 self.progress(counts)
+            except ShardNotEmpty as found:  # not a failure: the caller goes on from the last checkpoint
+                found.resumed_from = resumed_from
+                raise
             except BaseException:
                 self.book.record_end(state, "failed", counts.as_dict(), None, self.state.begin)
                 raise
             self.book.record_end(state, "succeeded", counts.as_dict(), watermark, self.state.begin)
         return Result(counts, mode, resumed_from, watermark, time.monotonic() - started, counts.read - read_before)
+
+    def _written_before(self, state: Connection) -> bool:
+        """Whether a run may have written documents of this entity and shard to the writer's database."""
+        w = schema.app_shards_written
+        return (
+            state.scalar(
+                select(func.count())
+                .select_from(w)
+                .where(
+                    w.c.database == self.firestore.database,
+                    w.c.entity == self.params.entity,
+                    w.c.partition_key == self.params.shard,
+                )
+            )
+            != 0
+        )
+
+    def _record_written(self, state: Connection) -> None:
+        """Record that this run may write documents of its shard to the writer's database (under the lock,
+        so no other run of this entity and shard inserts the same row)."""
+        state.execute(
+            schema.app_shards_written.insert().values(
+                database=self.firestore.database,
+                entity=self.params.entity,
+                partition_key=self.params.shard,
+                run_id=self.params.run_id,
+                at=datetime.now(UTC),
+            )
+        )
 
     def _commit_writes(self, writes: Sequence[Write]) -> None:
         if writes and not self.params.dry_run:
@@ -441,7 +506,13 @@ class AppMigration:
         if batch is None:
             return
         assert batch.future is not None
-        batch.future.result()  # a failed commit fails the run here; its checkpoint is never written
+        try:
+            batch.future.result()  # a failed commit fails the run here; its checkpoint is never written
+        except PartialCommit as failed:
+            if failed.already_exists:
+                raise ShardNotEmpty(f"{self.params.entity} of {self.params.shard}: a document taken to be new "
+                                    "exists already") from failed  # fmt: skip
+            raise
         self._move_blobs_away(batch.blob_deletions)
         self.book.checkpoint(state, batch.last_id, batch.counts, watermark, "running")
         self._commit(state)
@@ -554,7 +625,7 @@ class AppMigration:
             setattr(counts, action, getattr(counts, action) + 1)
             stored = {**decision.document, "shard": p.shard, "content_hash": digest, "run_id": p.run_id,
                       "migrated_at": now}  # fmt: skip
-            writes.append(Write(path, stored))
+            writes.append(Write(path, stored, create=self.creates and old is None))
             ledger.append(
                 self._ledger_row(decision.legacy_id, path, action, digest, previous, decision.blob_backup, now)
             )
@@ -695,6 +766,8 @@ class AppMigration:
                 copied = copy_blob(self.media, row["file_path"], self.blobs, key, expected_sha256=sha256)
                 size, sha256 = copied.size, copied.sha256
         else:  # a blank recorded sha256 (CHAR(64): spaces) counts as NULL, as in app_rules.require_checksum
+            if self.creates and self.blobs.stat(key) is not None:  # an empty shard's blob is never overwritten
+                raise ShardNotEmpty(f"files of {self.params.shard}: a blob taken to be new exists already")
             recorded = (row["sha256"] or "").strip() or None
             copied = copy_blob(self.media, row["file_path"], self.blobs, key, expected_sha256=recorded)
             size, sha256 = copied.size, copied.sha256
