@@ -27,7 +27,15 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from demo.sshd import SSHServer
-from resources.blobstore import BlobStore, ChecksumMismatch, copy_blob, hash_source, read_ahead
+from resources.blobstore import (
+    CHUNK_BYTES,
+    FIRST_CHUNK_BYTES,
+    BlobStore,
+    ChecksumMismatch,
+    copy_blob,
+    hash_source,
+    read_ahead,
+)
 from resources.errors import Category, MigrationError
 from resources.media import (
     LARGE_READ,
@@ -546,6 +554,22 @@ def test_copy_blob_from_a_media_source(source: MediaSource, tree: MediaTree, sto
     assert (nothing.size, nothing.sha256) == (0, hashlib.sha256(b"").hexdigest())
     tree.expect_never_opened(lambda: copy_blob(source, "escape_dir/pipe", store, "files/7/bad", None), UnsafePath)
     assert store.stat("files/7/bad") is None and leftovers(store) == []
+
+
+@pytest.mark.parametrize("size", [1, FIRST_CHUNK_BYTES - 1, FIRST_CHUNK_BYTES, FIRST_CHUNK_BYTES + 1,
+                                  CHUNK_BYTES, CHUNK_BYTES + FIRST_CHUNK_BYTES, 2 * CHUNK_BYTES + 1])  # fmt: skip
+def test_files_on_either_side_of_the_first_read_and_a_chunk_copy_whole(
+    source: MediaSource, tree: MediaTree, store: BlobStore, size: int
+) -> None:
+    """A file is first read in FIRST_CHUNK_BYTES, then in chunks (the copy, and the read-back of the blob)."""
+    data = os.urandom(size)
+    (tree.root / "sized.bin").write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    assert hash_source(source, "sized.bin") == (size, digest)
+    result = copy_blob(source, "sized.bin", store, KEY, expected_sha256=digest)
+    assert (result.size, result.sha256) == (size, digest)
+    stored = store.stat(KEY)
+    assert store.sha256(KEY) == digest and stored is not None and stored.size == size
 
 
 class _CorruptingFileSystem(MemoryFileSystem):

@@ -24,6 +24,7 @@ def test_python_whitespace_is_spelled_out_exactly() -> None:
 def test_array_literal() -> None:
     assert store.array_literal([]) == "{}"
     assert store.array_literal(pl.Series([3, -1, 2**62])) == "{3,-1,4611686018427387904}"
+    assert store.array_literal([3, -1, 2**62]) == store.array_literal((3, -1, 2**62)) == "{3,-1,4611686018427387904}"
     assert store.array_literal(["a", 'b"c', "d\\e"]) == '{"a","b\\"c","d\\\\e"}'
 
 

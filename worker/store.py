@@ -234,7 +234,12 @@ def one_of(conn: Connection, column: Any, values: Any) -> Any:
 
 
 def array_literal(values: Any) -> str:
-    """``values`` (integers or strings, no NULLs) as a PostgreSQL array literal: ``{1,2}``, ``{"a","b"}``."""
+    """``values`` (integers or strings, no NULLs) as a PostgreSQL array literal: ``{1,2}``, ``{"a","b"}``.
+
+    A polars Series is joined by polars; a Python list of integers (a page's ids) by ``str.join``: ~25 µs
+    for 500 ids, where building a Series for them costs milliseconds and wakes polars' threads."""
+    if isinstance(values, list | tuple) and all(type(value) is int for value in values):
+        return "{" + ",".join(map(str, values)) + "}"
     import polars as pl
 
     series = values if isinstance(values, pl.Series) else pl.Series(list(values))
