@@ -28,7 +28,7 @@ from demo.app_data import MIGRATED, AppTally, generate_app
 from migration_assets.app.assets import files as files_asset
 from migration_assets.app.assets import filters as filters_asset
 from migration_assets.app.assets import users as users_asset
-from migration_assets.app.migrate import AppMigration, AppRunParameters, from_ledger, to_ledger
+from migration_assets.app.migrate import AppMigration, AppRunParameters, from_ledger, shared_pool, to_ledger
 from resources import app_resources
 from resources.blobstore import BlobStore
 from resources.firestore import DocumentWriter, FirestoreResource, PartialCommit, Write
@@ -376,6 +376,21 @@ def test_files_are_read_from_the_media_source_by_one_thread_at_a_time(setup: Set
     assert {**{i: MIGRATED for i in documents}, **setup.quarantine("files", shard)} == setup.expected_fates(
         "files", shard
     )
+
+
+def test_a_forked_child_starts_threads_of_its_own_in_a_shared_pool() -> None:
+    """The commit and look-up pools live from run to run; a child forked with one idle thread in the parent
+    has no such thread, and must not wait for it."""
+    shared_pool("fork-test", 1).submit(int).result()  # one thread, idle, in this process
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child's outcome is its exit code
+        try:
+            ran = shared_pool("fork-test", 1).submit(lambda: 7).result(timeout=10) == 7
+        except BaseException:
+            ran = False
+        os._exit(0 if ran else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_ledger_json_round_trips_timestamps() -> None:

@@ -64,7 +64,16 @@ READERS = 2 + LOOKAHEAD  # the shard's count, the page reader, and the pages bei
 
 _POOLS: dict[str, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
-os.register_at_fork(after_in_child=_POOLS.clear)  # a forked child has none of its parent's threads
+
+
+def _forget_pools() -> None:
+    """In a forked child: none of the parent's threads exist there (nor may its lock ever be released)."""
+    global _POOLS_LOCK
+    _POOLS.clear()
+    _POOLS_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pools)
 
 
 def shared_pool(name: str, workers: int) -> ThreadPoolExecutor:
