@@ -10,10 +10,12 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import google.auth
 import grpc
 import pytest
 from google.api_core import exceptions as api_exceptions
 from google.api_core.datetime_helpers import DatetimeWithNanoseconds
+from google.auth.credentials import AnonymousCredentials
 from google.cloud.firestore import GeoPoint
 from google.cloud.firestore_v1.query import Query
 from google.cloud.firestore_v1.services.firestore import FirestoreClient as FirestoreApi
@@ -601,6 +603,19 @@ def test_look_ups_are_retried_like_commits_and_fail_with_the_api_clients_errors(
     with pytest.raises(api_exceptions.PermissionDenied):
         writer.get_many(["users/1"])
     assert len(sleeps) == 4  # two more for the UNAVAILABLEs, none for a refusal
+
+
+def test_the_production_channel_reads_look_ups_on_the_calling_thread(
+    resource: FirestoreResource, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real Firestore's channel is the one the API client's transport makes (endpoint, credentials, its
+    options) with streams read on the calling thread, as the emulator's is. Nothing connects here."""
+    monkeypatch.setattr(google.auth, "default", lambda *_, **__: (AnonymousCredentials(), "prod-project"))
+    production = FirestoreResource(project="prod-project").commit_channel()
+    plain = grpc.insecure_channel("127.0.0.1:9").unary_stream("/google.firestore.v1.Firestore/BatchGetDocuments")
+    assert type(production.batch_get) is type(resource.commit_channel().batch_get)
+    assert type(production.batch_get) is not type(plain)
+    assert production.database == "projects/prod-project/databases/(default)"
 
 
 def test_the_resource_talks_to_its_emulator_without_touching_the_environment(
