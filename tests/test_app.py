@@ -234,10 +234,11 @@ class CountingWriter(DocumentWriter):
 
 
 def forget_what_was_written(setup: Setup) -> None:
-    """The control DB loses its record of the shards written (a new control DB, or documents written by
-    another tool): Firestore still holds them."""
+    """A new control DB (or documents written by another tool): no record of the shards written, of runs or
+    checkpoints; Firestore still holds the documents."""
     with setup.state.begin() as conn:
-        conn.execute(schema.app_shards_written.delete())
+        for table in (schema.app_shards_written, schema.runs, schema.checkpoints):
+            conn.execute(table.delete())
 
 
 def test_a_shard_never_written_is_not_counted_and_a_written_one_is(setup: Setup) -> None:
@@ -248,6 +249,18 @@ def test_a_shard_never_written_is_not_counted_and_a_written_one_is(setup: Setup)
     second = CountingWriter(setup.firestore.writer())
     result = setup.run("users", shard, "second", writer=second)
     assert (first.counts, second.counts) == (0, 1)
+    assert result.counts.inserted == 0 and result.counts.unchanged == len(setup.documents("users", shard))
+
+
+def test_a_shard_written_by_a_release_that_kept_no_record_is_counted(setup: Setup) -> None:
+    """Runs of the shard on record, but no database recorded for it: an earlier release wrote it."""
+    shard = busiest_shard(setup.tally)
+    setup.run("users", shard, "old")
+    with setup.state.begin() as conn:
+        conn.execute(schema.app_shards_written.delete())
+    counting = CountingWriter(setup.firestore.writer())
+    result = setup.run("users", shard, "new", writer=counting)
+    assert counting.counts == 1 and not any("exists already" in line for line in setup.logs)
     assert result.counts.inserted == 0 and result.counts.unchanged == len(setup.documents("users", shard))
 
 

@@ -250,7 +250,8 @@ app_shards_written = Table(
     app_state_metadata,
     # A run may have written documents of this entity and shard to this Firestore database; recorded
     # before its first write. A shard without a row is taken to be empty: its run skips the count and
-    # writes with an exists=false precondition, which finds out if the control DB was wrong.
+    # writes with an exists=false precondition, which finds out if the control DB was wrong (runs of the
+    # shard on record with no database recorded: a release that kept no such record wrote it).
     Column("database", String(255), primary_key=True),
     Column("entity", String(32), primary_key=True),
     Column("partition_key", String(64), primary_key=True),

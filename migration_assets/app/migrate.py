@@ -498,20 +498,18 @@ class AppMigration:
         return Result(counts, mode, resumed_from, watermark, time.monotonic() - started, counts.read - read_before)
 
     def _written_before(self, state: Connection) -> bool:
-        """Whether a run may have written documents of this entity and shard to the writer's database."""
-        w = schema.app_shards_written
-        return (
-            state.scalar(
-                select(func.count())
-                .select_from(w)
-                .where(
-                    w.c.database == self.firestore.database,
-                    w.c.entity == self.params.entity,
-                    w.c.partition_key == self.params.shard,
-                )
-            )
-            != 0
+        """Whether a run may have written documents of this entity and shard to the writer's database: it
+        recorded so, or runs of this entity and shard are on record while no database is (a release that
+        kept no such record wrote them)."""
+        w, r = schema.app_shards_written, schema.runs
+        p = self.params
+        databases = set(state.scalars(select(w.c.database).where(w.c.entity == p.entity, w.c.partition_key == p.shard)))
+        if databases:
+            return self.firestore.database in databases
+        earlier = select(r.c.run_id).where(
+            r.c.entity == p.entity, r.c.partition_key == p.shard, r.c.run_id != p.run_id, r.c.dry_run.is_(False)
         )
+        return state.scalar(earlier.limit(1)) is not None
 
     def _record_written(self, state: Connection) -> None:
         """Record that this run may write documents of its shard to the writer's database (under the lock,
