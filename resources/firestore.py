@@ -58,6 +58,7 @@ import grpc
 from dagster import ConfigurableResource
 from google.api_core import exceptions as api_exceptions
 from google.api_core.datetime_helpers import DatetimeWithNanoseconds
+from google.api_core.gapic_v1 import routing_header
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import firestore
 from google.cloud.firestore_v1.base_query import FieldFilter
@@ -496,7 +497,7 @@ def _get_chunk(
         request.mask.field_paths.extend(fields)
     found: dict[str, dict[str, Any]] = {}
     try:
-        for message in channel.batch_get(request, timeout=timeout, metadata=channel.metadata):
+        for message in channel.batch_get(request, timeout=timeout, metadata=channel.batch_get_metadata):
             if message.HasField("found"):
                 found[message.found.name.removeprefix(prefix)] = _decode_fields(message.found.fields)
     except grpc.RpcError as error:
@@ -568,6 +569,11 @@ class CommitChannel:
             request_serializer=_BatchGetRequestPb.SerializeToString,
             response_deserializer=_BatchGetResponsePb.FromString,
         )
+
+    @cached_property
+    def batch_get_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The channel's metadata and the routing header the API client adds to a BatchGetDocuments call."""
+        return (*self.metadata, routing_header.to_grpc_metadata((("database", self.database),)))
 
 
 class DocumentWriter:

@@ -18,6 +18,11 @@ and commit are under way (with the shard's count, read once at the start, and ea
 once per run), so Firestore, the Django DB, the disk and the rules' Python work at the same time;
 step 3 stays on the run's own connection and thread, in page order.
 
+A shard this control DB has no record of writing to the target database (``app_shards_written``) is
+taken to be empty: not counted, nothing read back, its inserts written as creates. Firestore refuses a
+create whose document exists (and a file's blob already at its key is found before it is overwritten):
+the run then goes on from its checkpoint as a resumed run does, counting and reading (``ShardNotEmpty``).
+
 A killed run leaves its last checkpoint; the next run resumes after it, and a replayed batch finds
 its documents already written (same hash: unchanged). One writer per entity and shard: the
 advisory lock is held on the control DB connection and re-checked before every Firestore commit.
