@@ -33,8 +33,8 @@ by a test) and sends through the Firestore API client (``CommitChannel``, the pu
 ``google.cloud.firestore``): the client library's proto-plus encoding cost ~430 µs per ~550-byte document
 on this 2-core machine, ours ~45 µs (``bench/app.py`` measures the difference as the raw loop's cost).
 Reads with a channel (``get_many``) are raw BatchGetDocuments calls on the same channel, read on the calling
-thread and decoded from the protobuf messages directly: 17-21 µs a document looked up against 119-153 µs
-through the library's snapshots (``bench/app.py``, 36,866 paths, half of them missing, five runs).
+thread and decoded from the protobuf messages directly: 15-21 µs a document looked up against 116-153 µs
+through the library's snapshots (``bench/app.py``, 36,866 paths, half of them missing, seven runs).
 
 Nothing here logs; exception messages name counts, request numbers and gRPC codes, never
 document data or credentials.
