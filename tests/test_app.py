@@ -252,6 +252,19 @@ def test_a_shard_never_written_is_not_counted_and_a_written_one_is(setup: Setup)
     assert result.counts.inserted == 0 and result.counts.unchanged == len(setup.documents("users", shard))
 
 
+def test_a_dry_run_never_takes_a_shard_to_be_empty(setup: Setup) -> None:
+    """A dry run writes nothing, so no create could find the documents: it counts and reads them."""
+    shard = busiest_shard(setup.tally)
+    setup.run("users", shard, "old")
+    forget_what_was_written(setup)
+    counting = CountingWriter(setup.firestore.writer())
+    result = setup.run("users", shard, "dry", writer=counting, dry_run=True)
+    assert counting.counts == 1
+    assert result.counts.inserted == 0 and result.counts.unchanged == len(setup.documents("users", shard))
+    with setup.state.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(schema.app_shards_written)) == 0
+
+
 def test_a_shard_written_by_a_release_that_kept_no_record_is_counted(setup: Setup) -> None:
     """Runs of the shard on record, but no database recorded for it: an earlier release wrote it."""
     shard = busiest_shard(setup.tally)
