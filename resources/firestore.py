@@ -438,15 +438,25 @@ def get_many(
     chunk_size: int = GET_CHUNK,
 ) -> dict[str, dict[str, Any] | None]:
     """The documents at ``paths`` (only ``fields`` if given), None for a missing one; in the paths' order."""
+    field_paths = list(fields) if fields is not None else None
+
+    def found(chunk: list[str]) -> dict[str, dict[str, Any]]:
+        snapshots = client.get_all([client.document(path) for path in chunk], field_paths=field_paths)
+        return {snapshot.reference.path: snapshot.to_dict() or {} for snapshot in snapshots if snapshot.exists}
+
+    return _look_up(paths, found, chunk_size)
+
+
+def _look_up(
+    paths: Iterable[str], found: Callable[[list[str]], Mapping[str, dict[str, Any]]], chunk_size: int
+) -> dict[str, dict[str, Any] | None]:
+    """Each distinct path (slashes trimmed) with its document, or None, in the paths' order: ``found`` gives
+    the documents that exist among a chunk of at most ``chunk_size`` paths."""
     wanted = list(dict.fromkeys(path.strip("/") for path in paths))
-    found: dict[str, dict[str, Any] | None] = dict.fromkeys(wanted)
+    documents: dict[str, dict[str, Any] | None] = dict.fromkeys(wanted)
     for start in range(0, len(wanted), chunk_size):
-        references = [client.document(path) for path in wanted[start : start + chunk_size]]
-        field_paths = list(fields) if fields is not None else None
-        for snapshot in client.get_all(references, field_paths=field_paths):
-            if snapshot.exists:
-                found[snapshot.reference.path] = snapshot.to_dict() or {}
-    return found
+        documents.update(found(wanted[start : start + chunk_size]))
+    return documents
 
 
 class _Unusual(Exception):
@@ -603,7 +613,7 @@ class DocumentWriter:
         self.channel = channel
         # the database written to, "projects/{project}/databases/{id}": the control DB's records of what a run
         # may have written are kept per database
-        self.database = channel.database if channel is not None else f"projects/{client.project}/databases/(default)"
+        self.database = channel.database if channel is not None else database_name(client.project)
         self.max_writes = max_writes
         self.max_bytes = max_bytes
         self.limiter = limiter
@@ -691,16 +701,14 @@ class DocumentWriter:
         self, paths: Iterable[str], *, fields: Sequence[str] | None = None
     ) -> dict[str, dict[str, Any] | None]:
         """See ``get_many``; each request retried as a commit is (it only reads)."""
-        if self.channel is None:
+        channel = self.channel
+        if channel is None:
             return get_many(self.client, paths, fields=fields)
-        wanted = list(dict.fromkeys(path.strip("/") for path in paths))
-        found: dict[str, dict[str, Any] | None] = dict.fromkeys(wanted)
+        paths = list(paths)
         try:
-            for start in range(0, len(wanted), GET_CHUNK):
-                found.update(self._retried(_get_chunk, self.channel, wanted[start : start + GET_CHUNK], fields))
+            return _look_up(paths, lambda chunk: self._retried(_get_chunk, channel, chunk, fields), GET_CHUNK)
         except _Unusual:
-            return get_many(self.client, wanted, fields=fields)
-        return found
+            return get_many(self.client, paths, fields=fields)
 
     def _retried(self, call: Callable[..., Any], *args: Any) -> Any:
         """``call(*args, timeout)``, again after a backoff on a retryable error, up to the policy's attempts."""
@@ -754,6 +762,11 @@ def _emulator_variable(host: str | None) -> Iterator[None]:
                 os.environ[EMULATOR_HOST_VARIABLE] = before
 
 
+def database_name(project: str) -> str:
+    """The resource name of a project's default database, as requests name it."""
+    return f"projects/{project}/databases/(default)"
+
+
 def _firestore_channel(*args: Any, options: Sequence[tuple[str, Any]] = (), **kwargs: Any) -> grpc.Channel:
     """The channel ``FirestoreGrpcTransport`` would make (it calls this with its own arguments), reading
     streams on the calling thread."""
@@ -781,7 +794,7 @@ class FirestoreResource(ConfigurableResource):
 
     @property
     def database(self) -> str:
-        return f"projects/{self.project}/databases/(default)"
+        return database_name(self.project)
 
     def commit_channel(self) -> CommitChannel:
         """The Firestore API client the writer commits with: an insecure channel to the emulator (whose

@@ -93,6 +93,13 @@ def shared_pool(name: str, workers: int) -> ThreadPoolExecutor:
         return pool
 
 
+def _resolved(value: Any) -> Future[Any]:
+    """A future that already holds ``value``."""
+    done: Future[Any] = Future()
+    done.set_result(value)
+    return done
+
+
 _SCHEMAS_READY: weakref.WeakSet[Engine] = weakref.WeakSet()  # control DB engines whose tables this process made
 
 
@@ -336,8 +343,6 @@ class ShardNotEmpty(Exception):
     its documents, or a file's blob, there. Nothing of the refused request was written; the run goes on
     from its last checkpoint, counting and reading the shard as any other run does."""
 
-    resumed_from: str | None = None  # the run the refused run had resumed, if any
-
 
 class AppMigration:
     """One run of one app entity over one shard."""
@@ -376,7 +381,6 @@ class AppMigration:
         self.copier: ThreadPoolExecutor | None = None  # the run's blob-copy thread, while it runs
         self._parents_seen: dict[str, dict[Any, bool]] = {}  # collection → parent id → migrated?
         self._parents_locks = {"users": threading.Lock(), "files": threading.Lock()}
-        self.lookups: ThreadPoolExecutor | None = None  # a filter page's second parent lookup (shared_pool)
         self.book = RunBook(
             entity=params.entity,
             partition_key=params.shard,
@@ -408,12 +412,14 @@ class AppMigration:
             except ShardNotEmpty as found:
                 state.rollback()
                 self.log(f"{found}: counting and reading the shard's documents from here on")
-                return self._run(state, started, going_on=found)
+                return self._run(state, started, going_on=True)
 
-    def _run(self, state: Connection, started: float, going_on: ShardNotEmpty | None = None) -> Result:
+    def _run(self, state: Connection, started: float, going_on: bool = False) -> Result:
         """The run, under its lock; ``going_on``: again, after the shard was found not to be empty. Nothing of
         the refused request was written: the run goes on as if resuming itself (its ledger rows past its
-        checkpoint settled), and counts the shard and reads its documents before each page is written."""
+        checkpoint settled), and counts the shard and reads its documents before each page is written. (A run
+        takes its shard to be empty only when it resumes nothing, so it goes on from its own checkpoint, if
+        any, and has resumed no other run.)"""
         p = self.params
         with ExitStack() as stack:
             checkpoint = None if p.dry_run else self.book.resumable_checkpoint(state)
@@ -427,13 +433,11 @@ class AppMigration:
             counts = Counts.from_dict(checkpoint["counts"]) if checkpoint else Counts()
             watermark = checkpoint["watermark"] if checkpoint else self._source_watermark()
             after = checkpoint["last_legacy_id"] if checkpoint else -1
-            resumed_from = checkpoint["run_id"] if checkpoint else None
-            if resumed_from and not going_on:
+            resumed_from = checkpoint["run_id"] if checkpoint and not going_on else None
+            if resumed_from:
                 self.log(f"resuming after legacy id {after}, checkpointed by run {resumed_from}")
             if resumed_from or going_on:
                 self._settle_write_ahead(state, resumed_from or p.run_id, after)
-            if going_on:
-                resumed_from = going_on.resumed_from
             # A shard this control DB never saw written to this database is taken to be empty, not counted
             # (the emulator scans the whole collection to count one shard). Its inserts are creates, which
             # Firestore refuses if a document exists after all (ShardNotEmpty).
@@ -444,16 +448,11 @@ class AppMigration:
             # Django DB, not on the GIL): the shard's document count, the next page of source rows and
             # the parents its rows name; so do a batch's blob copies (see _decide).
             self.copier = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-copy"))
-            self.lookups = shared_pool("parent-lookup", 2)
             readers = stack.enter_context(ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="app-read"))
             # The shard's documents before this run (a count aggregation, nothing read): a full run's
             # deletion budget, and, when there are none (a first run), no document needs reading back.
             # Counted while the run is recorded and its first pages are read.
-            counted: Future[int] = Future()
-            if self.creates:
-                counted.set_result(0)
-            else:
-                counted = readers.submit(self.firestore.count, p.entity, p.shard)
+            counted = readers.submit(self.firestore.count, p.entity, p.shard) if not self.creates else _resolved(0)
             batches = stack.enter_context(closing(self._prepared_batches(readers, counted, after, since)))
             if not written:
                 self._record_written(state)  # before any write; committed with the run's start
@@ -493,8 +492,7 @@ class AppMigration:
                 self.book.checkpoint(state, after, counts.as_dict(), watermark, "done")
                 self._commit(state)
                 self.progress(counts)
-            except ShardNotEmpty as found:  # not a failure: the caller goes on from the last checkpoint
-                found.resumed_from = resumed_from
+            except ShardNotEmpty:  # not a failure: the caller goes on from the last checkpoint
                 raise
             except BaseException:
                 self.book.record_end(state, "failed", counts.as_dict(), None, self.state.begin)
@@ -618,7 +616,7 @@ class AppMigration:
         two lookups at once)."""
         entity = self.params.entity
         file_ids = {row["file_id"] for row in rows} if entity == "filters" else set()
-        files = self.lookups.submit(self._migrated, "files", file_ids) if self.lookups and file_ids else None
+        files = shared_pool("parent-lookup", 2).submit(self._migrated, "files", file_ids) if file_ids else None
         users = self._migrated("users", {row["user_id"] for row in rows} if entity != "users" else set())
         return Parents(users, files.result() if files is not None else self._migrated("files", file_ids))
 
