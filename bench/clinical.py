@@ -56,6 +56,8 @@ from demo.sshd import running_sshd
 from resources.processes import Stream
 from resources.ssh import SSHResource
 from worker import schema
+from worker.launch import RESIDENT_ENV
+from worker.resident import DIR_ENV as RESIDENT_DIR_ENV
 
 WORKER = str(Path(sys.executable).with_name("clinic-migrate"))
 SISTEMA = "BENCH"
@@ -142,14 +144,15 @@ class WorkerRun:
 
 
 class Worker:
-    def __init__(self, ssh: SSHResource, batch_size: int | None) -> None:
+    def __init__(self, ssh: SSHResource, batch_size: int | None, resident: list[str] | None = None) -> None:
         self.ssh = ssh
         self.batch_size = batch_size
+        self.resident = resident or []  # ``env`` and the variables that ask for a resident worker
 
     def run(
         self, label: str, entity: str, sistema: str, run_id: str, urls: dict[str, str], mode: str = "full"
     ) -> WorkerRun:
-        argv = [WORKER, "migrate", "--entity", entity, "--sistema", sistema, "--usuario", "bench",
+        argv = [*self.resident, WORKER, "migrate", "--entity", entity, "--sistema", sistema, "--usuario", "bench",
                 "--run-id", run_id, "--mode", mode]  # fmt: skip
         if self.batch_size is not None:
             argv += ["--batch-size", str(self.batch_size)]
@@ -474,6 +477,12 @@ def main() -> None:
     parser.add_argument("--no-sling", action="store_true", help="skip the peer")
     parser.add_argument("--keep", action="store_true", help="keep the databases afterwards")
     parser.add_argument(
+        "--resident",
+        type=int,
+        default=600,
+        help="the worker's resident seconds (worker/resident.py; the first worker run starts it); 0: none",
+    )
+    parser.add_argument(
         "--incremental-rounds", type=int, default=3, help="incremental runs, each after a new 1 %% changed (median)"
     )
     args = parser.parse_args()
@@ -527,7 +536,14 @@ def main() -> None:
                 say(f"built the RSS data sets {rss_sistemas} in {time.monotonic() - started:.1f} s")
 
             with tempfile.TemporaryDirectory() as home, running_sshd(Path(home)) as server:
-                worker = Worker(SSHResource(**server.resource_kwargs()), args.batch_size)
+                resident = []
+                if args.resident:
+                    resident = ["env", f"{RESIDENT_ENV}={args.resident}", f"{RESIDENT_DIR_ENV}={home}/resident"]
+                    report.notes.append(
+                        f"every worker command ran through a resident worker ({RESIDENT_ENV}={args.resident}): the "
+                        "first one (the first full run of patients) started it and waited for its imports"
+                    )
+                worker = Worker(SSHResource(**server.resource_kwargs()), args.batch_size, resident)
                 connect, command = worker.round_trip()
                 say(f"SSH round trip: connect {connect:.3f} s, `true` {command:.3f} s (median of 5)")
                 report.notes.append(

@@ -77,7 +77,12 @@ def worker_from_env() -> WorkerResource:
     """``WORKER_TRANSPORT=local`` (demo) needs no SSH settings; ``ssh`` (default) needs all of them."""
     transport = _transport("WORKER_TRANSPORT")
     ssh = ssh_from_env("needed when WORKER_TRANSPORT=ssh") if transport == "ssh" else None
-    return WorkerResource(transport=transport, command=env("WORKER_COMMAND", "clinic-migrate"), ssh=ssh)
+    return WorkerResource(
+        transport=transport,
+        command=env("WORKER_COMMAND", "clinic-migrate"),
+        ssh=ssh,
+        resident_seconds=_number("WORKER_RESIDENT_SECONDS", "0", int, 0, 7 * 24 * 3600),
+    )
 
 
 def firestore_from_env() -> FirestoreResource:

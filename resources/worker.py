@@ -38,6 +38,7 @@ from pydantic import Field
 from resources.errors import Category, MigrationError
 from resources.processes import LocalProcess, Process, Stream
 from resources.ssh import SSHResource
+from worker.launch import RESIDENT_ENV
 from worker.redact import redact
 
 Starter = Callable[[Sequence[str], bytes], Process]
@@ -236,10 +237,23 @@ class WorkerResource(ConfigurableResource):
         default=2 * 3600, description="stop a verification (clinic-migrate verify) after this long"
     )
     kill_grace_seconds: float = 5.0
+    resident_seconds: int = Field(
+        default=0,
+        ge=0,
+        description="keep a resident worker ready on the worker host for this long after a command "
+        "(worker/resident.py: its start-up paid between commands); 0: every command starts its own",
+    )
 
     @property
     def command_argv(self) -> list[str]:
         return shlex.split(self.command)
+
+    @property
+    def invocation(self) -> list[str]:
+        """How a worker command starts: the worker, in the environment that asks for a resident one."""
+        if not self.resident_seconds:
+            return self.command_argv
+        return ["env", f"{RESIDENT_ENV}={self.resident_seconds}", *self.command_argv]
 
     @contextmanager
     def host(self) -> Iterator[Starter]:
@@ -268,7 +282,7 @@ class WorkerResource(ConfigurableResource):
         with self.host() as start:
             client = WorkerPipesClient(start, timeout_seconds or self.migrate_timeout_seconds, self.kill_grace_seconds)
             return client.run(
-                context=context, argv=[*self.command_argv, *argv], secrets=secrets, final_report=MaterializeResult
+                context=context, argv=[*self.invocation, *argv], secrets=secrets, final_report=MaterializeResult
             )
 
     def verify(
@@ -283,7 +297,7 @@ class WorkerResource(ConfigurableResource):
         with self.host() as start:
             client = WorkerPipesClient(start, timeout_seconds or self.verify_timeout_seconds, self.kill_grace_seconds)
             reported = client.run(
-                context=context, argv=[*self.command_argv, *argv], secrets=secrets, final_report=AssetCheckResult
+                context=context, argv=[*self.invocation, *argv], secrets=secrets, final_report=AssetCheckResult
             )
         return [result for result in reported if isinstance(result, AssetCheckResult)]
 
@@ -291,7 +305,7 @@ class WorkerResource(ConfigurableResource):
         """Run ``clinic-migrate <argv>`` (a command that prints its result as one JSON object line, not
         Pipes) with ``secrets`` on stdin; that object, or a categorized failure."""
         with self.host() as start:
-            process = start([*self.command_argv, *argv], json.dumps(dict(secrets)).encode())
+            process = start([*self.invocation, *argv], json.dumps(dict(secrets)).encode())
             out: list[str] = []
             err: list[str] = []
             for stream, line in stream_lines(process, timeout_seconds, self.kill_grace_seconds):

@@ -12,6 +12,7 @@ import signal
 import time
 from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,8 +29,10 @@ from resources.worker import WorkerResource
 from worker import engine as engine_module
 from worker import locks, schema
 from worker.engine import MassDeleteRefused, Migration
+from worker.launch import RESIDENT_ENV
 from worker.locks import PartitionBusy
 from worker.params import RunParameters
+from worker.resident import DIR_ENV
 
 from .conftest import WORKER_COMMAND, patients_snapshot
 
@@ -41,9 +44,18 @@ class Clinical:
     """A generated legacy DB, a target, an sshd, and a way to materialize a sistema."""
 
     def __init__(
-        self, sshd: SSHServer, legacy_url: str, target_url: str, patients_per_sistema: int = 300, encounters: int = 5
+        self,
+        sshd: SSHServer,
+        legacy_url: str,
+        target_url: str,
+        patients_per_sistema: int = 300,
+        encounters: int = 5,
+        worker: WorkerResource | None = None,
     ) -> None:
         self.sshd = sshd
+        self.worker = worker or WorkerResource(
+            transport="ssh", command=WORKER_COMMAND, ssh=SSHResource(**sshd.resource_kwargs())
+        )
         self.legacy_url = legacy_url
         self.target_url = target_url
         self.legacy = schema.make_engine(legacy_url)
@@ -61,9 +73,7 @@ class Clinical:
     def resources(self, target_url: str | None = None) -> dict[str, Any]:
         url = target_url or self.target_url
         return {
-            "worker": WorkerResource(
-                transport="ssh", command=WORKER_COMMAND, ssh=SSHResource(**self.sshd.resource_kwargs())
-            ),
+            "worker": self.worker,
             "legacy_db": DatabaseResource(url=self.legacy_url),
             "clinical_db": DatabaseResource(url=url),
             "state_db": DatabaseResource(url=url),
@@ -248,6 +258,36 @@ def test_practitioner_mapping_is_applied(clinical: Clinical) -> None:
     assert target and any(source[i] == 101 for i in target)
     for legacy_id, practitioner in target.items():
         assert practitioner == (900 if source[legacy_id] == 101 else source[legacy_id])
+
+
+def test_a_resident_worker_over_ssh_migrates_as_a_worker_of_its_own_does(
+    sshd: SSHServer, mariadb_url: str, postgres_url: str, tmp_path: Path
+) -> None:
+    """``resident_seconds`` (WORKER_RESIDENT_SECONDS): every command after the first runs in a spare the
+    legacy host kept ready (worker/resident.py), through the same SSH wrapper, with the same results."""
+    folder = tmp_path / "resident"
+    ssh = SSHResource(**sshd.resource_kwargs())
+    worker = WorkerResource(
+        transport="ssh", command=f"env {DIR_ENV}={folder} {WORKER_COMMAND}", ssh=ssh, resident_seconds=60
+    )
+    assert worker.invocation[:2] == ["env", f"{RESIDENT_ENV}=60"]
+    clinical = Clinical(sshd, mariadb_url, postgres_url, worker=worker)
+    try:
+        first = clinical.materialize("HSJ")
+        assert first.success
+        assert list(folder.glob("*.sock")), "no resident worker was started"
+        again = clinical.materialize("HSJ")
+        assert again.success
+    finally:
+        for leftover in folder.glob("*.sock"):
+            leftover.unlink()  # its server leaves within a second
+    for entity in ("patients", "encounters"):
+        expected = clinical.tally.expected("HSJ", entity)
+        meta, unchanged = metadata(first, entity), metadata(again, entity)
+        assert meta["inserted"] == expected["migrated"]
+        assert meta["quarantined_by_reason"] == expected["quarantined"]
+        assert unchanged["unchanged"] == expected["migrated"] and unchanged["inserted"] == 0
+        assert meta["worker_cpu_s"] > 0 and unchanged["worker_cpu_s"] > 0
 
 
 def test_killed_worker_resumes_without_duplicates(sshd: SSHServer, mariadb_url: str, postgres_url: str) -> None:

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from worker.libc import libc
@@ -26,6 +26,7 @@ M_ARENA_MAX = -8  # glibc's mallopt parameter
 MALLOC_ARENAS = 2
 POLARS_ARENAS = 1
 POLARS_ALLOCATOR_SETTINGS = "_RJEM_MALLOC_CONF"  # jemalloc's MALLOC_CONF, as polars' build names it
+RESIDENT_ENV = "CLINIC_MIGRATE_RESIDENT_SECONDS"  # worker/resident.py
 
 
 def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
@@ -53,7 +54,7 @@ def prepare_process() -> None:
     limit_polars_arenas()
 
 
-def leave(code: int) -> NoReturn:
+def leave(code: int, last: Callable[[], None] | None = None) -> NoReturn:
     """End the process with ``code`` now that its work is done, skipping Python's teardown of its
     modules and objects (0.25–0.3 s after the integrity check of 480k rows: a quarter of ``clinic-migrate
     verify``'s time outside the check, bench/checks.py). What that teardown would have done that
@@ -66,11 +67,27 @@ def leave(code: int) -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
+    if last is not None:  # a resident worker's spare: the exit status to its client (worker/resident.py)
+        last()
     os._exit(code)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    prepare_process()
+def run_command(argv: Sequence[str]) -> int:
+    """The command ``argv`` (worker/cli.py) in this process; its exit status."""
     from worker.cli import main as run
 
-    leave(run(argv))
+    return run(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if os.environ.get(RESIDENT_ENV, "0").strip() not in ("", "0"):  # worker/resident.py: opt-in
+        from worker.resident import handed_over
+
+        if (code := handed_over(args)) is not None:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(code)
+    prepare_process()
+    leave(run_command(args))

@@ -1,0 +1,169 @@
+"""worker/resident.py: a command handed to a resident worker's spare runs as in its own process — the same
+output and exit status, the client's own descriptors and folder — and ends with its client; the server
+leaves when idle; a folder others could enter is never used."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from worker.launch import RESIDENT_ENV
+from worker.resident import DIR_ENV, WORKER_FILES, fingerprint, socket_path
+
+from .conftest import WORKER_COMMAND
+
+
+@pytest.fixture
+def resident(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """The environment that asks for a resident worker whose socket is in a folder of the test's; its server
+    is told to leave afterwards (its socket removed: it checks every second)."""
+    folder = tmp_path / "resident"
+    env = {**os.environ, RESIDENT_ENV: "30", DIR_ENV: str(folder)}
+    yield env
+    for leftover in folder.glob("*.sock"):
+        leftover.unlink()
+
+
+def run(command: list[str], stdin: str, env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
+    done = subprocess.run(
+        [WORKER_COMMAND, *command], input=stdin, env=env, cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+    return done.returncode, done.stdout, done.stderr
+
+
+def holders_of(target: str, but: int) -> list[int]:
+    """The processes (other than ``but``) with a descriptor open on ``target`` (a ``pipe:[inode]`` link)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == but:
+            continue
+        try:
+            if any(os.readlink(fd) == target for fd in (entry / "fd").iterdir()):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_until(condition: object, seconds: float = 15.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.integration
+def test_commands_in_a_spare_say_and_end_exactly_as_in_their_own_process(
+    resident: dict[str, str], tmp_path: Path
+) -> None:
+    """A command that succeeds, one refused by the worker (stdin lacks its URLs) and one refused by argparse:
+    the same stdout, stderr and exit status, the first time (which starts the server and waits for its
+    spare) and from a warm spare."""
+    commands = [(["health"], "{}"), (["sistemas"], "{}"), (["no-such-command"], "")]
+    alone = {**resident, RESIDENT_ENV: "0"}
+    own = {tuple(command): run(command, stdin, alone, tmp_path) for command, stdin in commands}
+    assert own[("sistemas",)][0] == 2 and own[("no-such-command",)][0] == 2 and own[("health",)][0] == 0
+    for _ in range(2):
+        for command, stdin in commands:
+            assert run(command, stdin, resident, tmp_path) == own[tuple(command)]
+    path = socket_path(resident)
+    assert path is not None and path.is_socket()  # the server is up: the commands were handed over
+
+
+@pytest.mark.integration
+def test_the_spare_runs_on_the_clients_own_descriptors_and_folder_while_the_client_stays_light(
+    resident: dict[str, str], tmp_path: Path
+) -> None:
+    """The client imports nothing heavy; its command runs in another process that holds the client's own
+    stdin (the secrets never pass through the server) and works in the client's folder."""
+    run(["health"], "{}", resident, tmp_path)  # the server up, a spare warm
+    client = subprocess.Popen(
+        [WORKER_COMMAND, "sistemas"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=resident, cwd=tmp_path, text=True,
+    )  # fmt: skip
+    try:
+        stdin = os.readlink(f"/proc/{client.pid}/fd/0")
+        assert wait_until(lambda: holders_of(stdin, client.pid)), "no other process took the client's stdin"
+        (spare,) = holders_of(stdin, client.pid)
+        assert os.readlink(f"/proc/{spare}/cwd") == str(tmp_path)
+        assert "polars" in Path(f"/proc/{spare}/maps").read_text()
+        assert "polars" not in Path(f"/proc/{client.pid}/maps").read_text()
+        out, err = client.communicate("{}", timeout=30)
+    finally:
+        client.kill()
+    assert (client.returncode, out) == (2, "")
+    assert "VALIDATION_ERROR: stdin JSON lacks legacy_db_url" in err
+    assert wait_until(lambda: not alive(spare)), "a spare runs one command and leaves"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_a_command_ends_with_its_client(resident: dict[str, str], tmp_path: Path, signum: int) -> None:
+    """SIGTERM to the client reaches the command (which ends as a SIGTERM ends it: 143, through the client);
+    a client killed outright leaves its command to find the socket closed and end the same way."""
+    run(["health"], "{}", resident, tmp_path)
+    client = subprocess.Popen(
+        [WORKER_COMMAND, "sistemas"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=resident, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        stdin = os.readlink(f"/proc/{client.pid}/fd/0")
+        assert wait_until(lambda: holders_of(stdin, client.pid))
+        (spare,) = holders_of(stdin, client.pid)  # waiting for its secrets, as a run does before it starts
+        client.send_signal(signum)
+        client.wait(timeout=30)
+        assert wait_until(lambda: not alive(spare)), "the command outlived its client"
+    finally:
+        client.kill()
+        assert client.stdin is not None
+        client.stdin.close()
+    assert client.returncode == (128 + signal.SIGTERM if signum == signal.SIGTERM else -signal.SIGKILL)
+
+
+@pytest.mark.integration
+def test_the_server_leaves_when_idle_and_takes_its_socket(resident: dict[str, str], tmp_path: Path) -> None:
+    env = {**resident, RESIDENT_ENV: "2"}
+    assert run(["health"], "{}", env, tmp_path)[0] == 0
+    path = socket_path(env)
+    assert path is not None and path.is_socket()
+    assert wait_until(lambda: not path.exists(), seconds=10)
+    assert not Path(f"{path}.lock").exists()
+    assert run(["health"], "{}", env, tmp_path)[0] == 0  # and starts again for the next command
+    assert path.is_socket()
+
+
+@pytest.mark.integration
+def test_a_folder_others_can_enter_is_never_used(resident: dict[str, str], tmp_path: Path) -> None:
+    folder = Path(resident[DIR_ENV])
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+    assert socket_path(resident) is None
+    assert run(["health"], "{}", resident, tmp_path)[0] == 0  # in its own process
+    assert list(folder.iterdir()) == []
+
+
+def test_a_changed_installation_has_a_socket_of_its_own(tmp_path: Path) -> None:
+    """A server of the worker's older files is never handed a command: the socket's name changes with them."""
+    copy = tmp_path / "worker"
+    shutil.copytree(WORKER_FILES, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    before = fingerprint(copy)
+    assert fingerprint(copy) == before
+    (copy / "rules.py").write_text((copy / "rules.py").read_text() + "\n")
+    assert fingerprint(copy) != before

@@ -1,0 +1,515 @@
+"""A resident worker on the legacy host (opt-in): the worker's start-up paid between runs, not in them.
+
+Every ``clinic-migrate`` command starts a Python process that imports SQLAlchemy, polars, pyarrow and the
+drivers before it does anything: 0.3-0.4 s of every run (bench/clinical.py), a quarter of an incremental
+run's. With ``CLINIC_MIGRATE_RESIDENT_SECONDS=N`` (N > 0) in its environment, ``clinic-migrate`` hands
+its command to a *spare*: a process that has already imported all that, which a small server of this
+user keeps ready on a unix socket only this user can reach, and stays a thin client meanwhile.
+
+- The spare takes the command's own stdin, stdout and stderr (the descriptors themselves, passed over the
+  socket, so the secrets on stdin never pass through the server or the client), its arguments,
+  environment and working directory, runs it as ``clinic-migrate`` would, and sends back its exit
+  status, which the client exits with.
+- A spare runs one command and exits: no two commands ever share a process, a connection or memory.
+  The server starts the next spare when one is taken; the server itself imports nothing heavy, so it
+  forks no threads' state.
+- The client forwards SIGTERM, SIGINT and SIGHUP to the spare running its command. Should the client
+  die (a SIGKILL), the spare finds the socket closed and ends its command as a SIGTERM would, then kills
+  itself after ``KILL_GRACE_SECONDS``.
+- The server exits after N seconds without a command, and whenever the worker's installation changes
+  (its socket's name is a fingerprint of the interpreter and the worker's files).
+- Until a spare has said it took the command, nothing of the command has run: any failure up to then
+  (no server, a stale socket, no safe folder for it) runs the command in the client's own process, as
+  without a resident worker.
+
+The socket lives in ``CLINIC_MIGRATE_RESIDENT_DIR``, else ``$XDG_RUNTIME_DIR/clinic-migrate``, else
+``~/.cache/clinic-migrate``: a folder of this user's with mode 0700 (made so, or refused). A spare also
+refuses a peer of another user (``SO_PEERCRED``). This module imports only the standard library's light
+modules: the client runs it before anything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import select
+import signal
+import socket
+import stat
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from worker.launch import RESIDENT_ENV as SECONDS_ENV
+
+DIR_ENV = "CLINIC_MIGRATE_RESIDENT_DIR"
+START_WAIT_SECONDS = 2.0  # how long a client waits for the server it started to listen
+KILL_GRACE_SECONDS = 5.0  # a spare whose client is gone: SIGTERM, then SIGKILL after this long
+MAX_REQUEST_BYTES = 1 << 20
+_HEADER = struct.Struct("!I")
+_PID = struct.Struct("!q")
+_STATUS = struct.Struct("!i")
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+# --- where ---------------------------------------------------------------------------------------
+
+
+def resident_seconds(environ: dict[str, str] | os._Environ[str] = os.environ) -> int:
+    """Seconds a resident worker waits for its next command; 0 (off) when unset or not a positive integer."""
+    try:
+        return max(0, int(environ.get(SECONDS_ENV, "0")))
+    except ValueError:
+        return 0
+
+
+def _private_folder(path: Path) -> Path | None:
+    """``path`` made if missing (mode 0700); None unless it is a folder of this user's that no one else
+    can enter."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        status = path.lstat()
+    except OSError:
+        return None
+    if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid() or status.st_mode & 0o077:
+        return None
+    return path
+
+
+def socket_folder(environ: dict[str, str] | os._Environ[str] = os.environ) -> Path | None:
+    if given := environ.get(DIR_ENV):
+        return _private_folder(Path(given))
+    runtime = environ.get("XDG_RUNTIME_DIR")
+    if runtime and _private_folder(Path(runtime)) is not None:
+        return _private_folder(Path(runtime) / "clinic-migrate")
+    return _private_folder(Path.home() / ".cache" / "clinic-migrate")
+
+
+WORKER_FILES = Path(__file__).resolve().parent
+
+
+def fingerprint(files: Path = WORKER_FILES) -> str:
+    """The interpreter and the worker's files (name, size, modification time): a spare of an older
+    installation is never handed a command (a new one gets a socket of its own)."""
+    digest = hashlib.sha256(f"{os.path.realpath(sys.executable)}\0{sys.version}".encode())
+    for entry in sorted(os.scandir(files), key=lambda e: e.name):
+        if entry.name.endswith(".py"):
+            status = entry.stat()
+            digest.update(f"\0{entry.name}\0{status.st_size}\0{status.st_mtime_ns}".encode())
+    return digest.hexdigest()[:20]
+
+
+def socket_path(environ: dict[str, str] | os._Environ[str] = os.environ) -> Path | None:
+    folder = socket_folder(environ)
+    return None if folder is None else folder / f"{fingerprint()}.sock"
+
+
+# --- the client -------------------------------------------------------------------------------------
+
+
+def _connect(path: Path) -> socket.socket | None:
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        client.connect(str(path))
+    except OSError:
+        client.close()
+        return None
+    return client
+
+
+def _start_server(path: Path, seconds: int) -> None:
+    """The server, detached from this command (its own session, no descriptor of ours)."""
+    import subprocess
+
+    subprocess.Popen(
+        [sys.executable, "-m", "worker.resident", "serve", str(path), str(seconds)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        close_fds=True,
+        cwd="/",
+    )
+
+
+def _reach(path: Path, seconds: int) -> socket.socket | None:
+    """A connection to the server, started first if none listens (None: none came up in time)."""
+    if (client := _connect(path)) is not None:
+        return client
+    _start_server(path, seconds)
+    deadline = time.monotonic() + START_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        time.sleep(0.005)
+        if (client := _connect(path)) is not None:
+            return client
+    return None
+
+
+def _read_exactly(conn: socket.socket, size: int) -> bytes | None:
+    """``size`` bytes, or None at the end of the stream (or a reset) before them."""
+    data = b""
+    while len(data) < size:
+        try:
+            chunk = conn.recv(size - len(data))
+        except InterruptedError:
+            continue
+        except OSError:
+            return None
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def handed_over(argv: Sequence[str]) -> int | None:
+    """Run the command ``argv`` in a spare and return its exit status; None when no spare took it (then
+    nothing of it ran: the caller runs it itself)."""
+    seconds = resident_seconds()
+    path = socket_path() if seconds else None
+    if path is None:
+        return None
+    conn = _reach(path, seconds)
+    if conn is None:
+        return None
+    with conn:
+        request = json.dumps({"argv": list(argv), "env": dict(os.environ), "cwd": os.getcwd()}).encode()
+        try:
+            socket.send_fds(conn, [_HEADER.pack(len(request)) + request], [0, 1, 2])
+        except OSError:
+            return None
+        said = _read_exactly(conn, _PID.size)  # the spare took the command: from here on it is the spare's
+        if said is None:
+            return None
+        (pid,) = _PID.unpack(said)
+        for number in _FORWARDED:
+            signal.signal(number, lambda received, _frame: _forward(pid, received))
+        status = _read_exactly(conn, _STATUS.size)
+    if status is None:  # the spare ended without a status: killed
+        sys.stderr.write("clinic-migrate: the resident worker's process ended without an exit status\n")
+        return 128 + signal.SIGKILL
+    return int(_STATUS.unpack(status)[0])
+
+
+def _forward(pid: int, number: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, number)
+
+
+# --- the spare -----------------------------------------------------------------------------------
+
+
+def warm_up() -> None:
+    """Everything a command imports, imported ahead (as ``clinic-migrate`` would, memory caps first)."""
+    from worker.launch import prepare_process
+
+    prepare_process()
+    import worker.cli  # noqa: F401  SQLAlchemy, polars, dagster-pipes and the worker itself
+
+    for name in (  # what the runs import when they first need it: the readers' and the drivers'
+        "connectorx",
+        "pyarrow",
+        "pymysql",
+        "psycopg",
+        "sqlalchemy.dialects.mysql.pymysql",
+        "sqlalchemy.dialects.postgresql.psycopg",
+        "worker.verify_clinical",
+    ):
+        try:
+            __import__(name)
+        except ImportError:
+            continue
+
+
+def _take(conn: socket.socket) -> tuple[list[str], dict[str, str], str, list[int]] | None:
+    """The command a client sent (argv, environment, working directory, its stdin/stdout/stderr), or
+    None: a peer of another user, or not a whole request."""
+    credentials = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", credentials)
+    if uid != os.getuid():
+        return None
+    data, fds, _flags, _address = socket.recv_fds(conn, MAX_REQUEST_BYTES, 3)
+    if len(fds) != 3 or len(data) < _HEADER.size:
+        for fd in fds:
+            os.close(fd)
+        return None
+    (size,) = _HEADER.unpack(data[: _HEADER.size])
+    body = data[_HEADER.size :]
+    while len(body) < size:
+        chunk = conn.recv(min(MAX_REQUEST_BYTES, size - len(body)))
+        if not chunk:
+            for fd in fds:
+                os.close(fd)
+            return None
+        body += chunk
+    request = json.loads(body)
+    return list(request["argv"]), dict(request["env"]), str(request["cwd"]), fds
+
+
+def _become(env: dict[str, str], cwd: str, fds: Sequence[int]) -> None:
+    """This process as the client's: its stdin, stdout and stderr, environment and folder."""
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.environ.clear()
+    os.environ.update(env)
+    if hasattr(time, "tzset"):
+        time.tzset()
+    try:
+        os.chdir(cwd)
+    except OSError:
+        os.chdir("/")
+
+
+def _watch(conn: socket.socket, ended: threading.Event) -> None:
+    """The client gone before the command ended (killed): end the command as a SIGTERM does; kill it if
+    it has not ended ``KILL_GRACE_SECONDS`` later."""
+
+    def watch() -> None:
+        while True:
+            try:
+                if conn.recv(1) == b"":
+                    break
+            except InterruptedError:
+                continue
+            except OSError:
+                break
+        if ended.is_set():
+            return
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(KILL_GRACE_SECONDS)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="resident-client", daemon=True).start()
+
+
+def spare(listener: socket.socket, taken: int, go: int, run: Callable[[list[str]], int] | None = None) -> NoReturn:
+    """A spare's life, in a process the server forked: wait until no command runs (``go``: the server says
+    so; the imports would take a running command's CPU) or a client is waiting, warm up, take one command,
+    run it, and leave (as ``clinic-migrate`` does) once its exit status is sent."""
+    while True:
+        try:
+            readable, _, _ = select.select([listener, go], [], [])
+        except InterruptedError:
+            continue
+        if go in readable and os.read(go, 1) == b"":  # the server is gone, and no client came: nothing to do
+            os._exit(0)
+        break
+    os.close(go)
+    warm_up()
+    from worker.launch import leave, run_command
+
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except InterruptedError:
+            continue
+        except OSError:  # the server shut the socket down: no command for this spare
+            leave(0)
+        break
+    listener.close()
+    os.write(taken, b"t")  # the server starts the next spare now
+    os.close(taken)
+    command = _take(conn)
+    if command is None:
+        conn.close()
+        leave(0)
+    argv, env, cwd, fds = command
+    _become(env, cwd, fds)
+    conn.sendall(_PID.pack(os.getpid()))
+    ended = threading.Event()
+    _watch(conn, ended)
+    code = _status(run or run_command, argv)
+    ended.set()
+    leave(code, last=lambda: _say_status(conn, code))
+
+
+def _status(run: Callable[[list[str]], int], argv: list[str]) -> int:
+    """The exit status the command would give its own process: its return value, or what an exception
+    leaving it would make of it (argparse's refusal is a ``SystemExit(2)``; anything else, a traceback
+    on stderr and 1)."""
+    try:
+        return run(argv)
+    except SystemExit as leaving:
+        if leaving.code is None or isinstance(leaving.code, int):
+            return leaving.code or 0
+        sys.stderr.write(f"{leaving.code}\n")
+        return 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        return 1
+
+
+def _say_status(conn: socket.socket, code: int) -> None:
+    with contextlib.suppress(OSError):
+        conn.sendall(_STATUS.pack(code))
+
+
+# --- the server ------------------------------------------------------------------------------------
+
+
+def _listen(path: Path) -> tuple[socket.socket, int] | None:
+    """The socket at ``path``, bound by this server alone (a lock beside it); None when another server
+    holds it."""
+    import fcntl
+
+    lock = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(lock)
+        return None
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # a server that died left it; no live server can (it holds the lock)
+    _forget_stale(path.parent, fcntl)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    previous = os.umask(0o177)
+    try:
+        listener.bind(str(path))
+    finally:
+        os.umask(previous)
+    listener.listen(16)
+    return listener, lock
+
+
+def _forget_stale(folder: Path, fcntl: Any) -> None:
+    """The sockets of other installations' servers that are gone (their lock is free), with their locks."""
+    for lock_path in folder.glob("*.sock.lock"):
+        try:
+            held = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(held)
+            continue
+        for gone in (lock_path.with_suffix(""), lock_path):
+            with contextlib.suppress(OSError):
+                os.unlink(gone)
+        os.close(held)
+
+
+def _fork_spare(listener: socket.socket, taken: int, servers: Sequence[int], start: bool) -> tuple[int, int | None]:
+    """A new spare, and the descriptor that tells it to warm up (None: told already, ``start``).
+    ``servers``: the server's own descriptors, closed in the spare (its lock above all: a command running
+    long must not keep the next server from starting)."""
+    go_read, go_write = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # the spare: leaves with its command's status, never returns here
+        try:
+            signal.set_wakeup_fd(-1)  # the server's, not the spare's
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            for fd in (*servers, go_write):
+                os.close(fd)
+            spare(listener, taken, go_read)
+        finally:
+            os._exit(70)  # EX_SOFTWARE: the spare failed before its command
+    os.close(go_read)
+    if start:
+        _tell(go_write)
+        return pid, None
+    return pid, go_write
+
+
+def _tell(go: int) -> None:
+    with contextlib.suppress(OSError):
+        os.write(go, b"g")
+    os.close(go)
+
+
+def serve(path: Path, seconds: int) -> int:
+    """Keep one spare ready at ``path`` until ``seconds`` pass without a command (or the socket is no
+    longer ours); 0, or 1 when a spare died before taking a command (a broken installation: no new
+    spare is started, clients run commands themselves)."""
+    bound = _listen(path)
+    if bound is None:
+        return 0
+    listener, lock = bound
+    identity = os.stat(path).st_ino
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    wake_read, wake_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    signal.signal(signal.SIGCHLD, lambda _number, _frame: None)  # a spare ended: wakes the select below
+    signal.set_wakeup_fd(wake_write)
+    mine = (read_end, lock, wake_read, wake_write)
+    busy: set[int] = set()  # spares running a command
+    ready, go = _fork_spare(listener, write_end, mine, start=True)
+    deadline = time.monotonic() + seconds
+    broken = False
+    try:
+        while time.monotonic() < deadline:
+            try:
+                readable, _, _ = select.select([read_end, wake_read], [], [], min(1.0, deadline - time.monotonic()))
+            except InterruptedError:
+                continue
+            if wake_read in readable:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake_read, 512)
+            busy = {pid for pid in busy if not _reaped(pid)}
+            if read_end in readable:  # the ready spare took a command: the next one warms up once it ends
+                os.read(read_end, 1)
+                busy.add(ready)
+                if go is not None:  # a client came before the command before it ended
+                    _tell(go)
+                ready, go = _fork_spare(listener, write_end, mine, start=False)
+                deadline = time.monotonic() + seconds
+                continue
+            if not busy and go is not None:
+                _tell(go)
+                go = None
+            if _reaped(ready) and not select.select([read_end], [], [], 0)[0]:  # it died without a command
+                broken = True
+                break
+            if not _still_ours(path, identity):
+                break
+    finally:
+        if _still_ours(path, identity):
+            os.unlink(path)
+        # The ready spare's accept fails and it leaves; one that took a command just now keeps it.
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        if go is not None:  # a spare not warmed up yet leaves at once
+            os.close(go)
+        with contextlib.suppress(OSError):
+            os.unlink(f"{path}.lock")
+        os.close(lock)
+    return 1 if broken else 0
+
+
+def _still_ours(path: Path, identity: int) -> bool:
+    try:
+        return os.stat(path).st_ino == identity
+    except FileNotFoundError:
+        return False
+
+
+def _reaped(pid: int, wait: bool = False) -> bool:
+    try:
+        done, _ = os.waitpid(pid, 0 if wait else os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return done == pid
+
+
+def main(argv: Sequence[str]) -> int:
+    if len(argv) != 3 or argv[0] != "serve":
+        sys.stderr.write("usage: python -m worker.resident serve SOCKET SECONDS\n")
+        return 2
+    try:
+        return serve(Path(argv[1]), int(argv[2]))
+    except OSError as problem:
+        if problem.errno in (errno.EADDRINUSE, errno.EACCES, errno.ENOENT):
+            return 0
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
