@@ -38,6 +38,14 @@ def run(command: list[str], stdin: str, env: dict[str, str], cwd: Path) -> tuple
     return done.returncode, done.stdout, done.stderr
 
 
+def start(env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
+    """``clinic-migrate sistemas`` waiting for its secrets on stdin (as a run does before it starts)."""
+    return subprocess.Popen(
+        [WORKER_COMMAND, "sistemas"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=env, cwd=cwd, text=True,
+    )  # fmt: skip
+
+
 def holders_of(target: str, but: int) -> list[int]:
     """The processes (other than ``but``) with a descriptor open on ``target`` (a ``pipe:[inode]`` link)."""
     found = []
@@ -94,10 +102,7 @@ def test_the_spare_runs_on_the_clients_own_descriptors_and_folder_while_the_clie
     """The client imports nothing heavy; its command runs in another process that holds the client's own
     stdin (the secrets never pass through the server) and works in the client's folder."""
     run(["health"], "{}", resident, tmp_path)  # the server up, a spare warm
-    client = subprocess.Popen(
-        [WORKER_COMMAND, "sistemas"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=resident, cwd=tmp_path, text=True,
-    )  # fmt: skip
+    client = start(resident, tmp_path)
     try:
         stdin = os.readlink(f"/proc/{client.pid}/fd/0")
         assert wait_until(lambda: holders_of(stdin, client.pid)), "no other process took the client's stdin"
@@ -114,15 +119,30 @@ def test_the_spare_runs_on_the_clients_own_descriptors_and_folder_while_the_clie
 
 
 @pytest.mark.integration
+def test_commands_at_once_each_get_a_spare_of_their_own(resident: dict[str, str], tmp_path: Path) -> None:
+    """A second command while the first runs is not queued behind it: a spare warms up for it at once."""
+    run(["health"], "{}", resident, tmp_path)
+    clients = [start(resident, tmp_path) for _ in range(3)]
+    try:
+        stdins = [os.readlink(f"/proc/{client.pid}/fd/0") for client in clients]
+        assert wait_until(lambda: all(holders_of(stdin, c.pid) for stdin, c in zip(stdins, clients, strict=True)))
+        spares = {holders_of(stdin, c.pid)[0] for stdin, c in zip(stdins, clients, strict=True)}
+        assert len(spares) == 3
+        said = [client.communicate("{}", timeout=30) for client in clients]
+    finally:
+        for client in clients:
+            client.kill()
+    assert [client.returncode for client in clients] == [2, 2, 2]
+    assert all("stdin JSON lacks legacy_db_url" in err for _, err in said)
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
 def test_a_command_ends_with_its_client(resident: dict[str, str], tmp_path: Path, signum: int) -> None:
     """SIGTERM to the client reaches the command (which ends as a SIGTERM ends it: 143, through the client);
     a client killed outright leaves its command to find the socket closed and end the same way."""
     run(["health"], "{}", resident, tmp_path)
-    client = subprocess.Popen(
-        [WORKER_COMMAND, "sistemas"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=resident, cwd=tmp_path,
-    )  # fmt: skip
+    client = start(resident, tmp_path)
     try:
         stdin = os.readlink(f"/proc/{client.pid}/fd/0")
         assert wait_until(lambda: holders_of(stdin, client.pid))
