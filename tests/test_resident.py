@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,11 @@ def resident(tmp_path: Path) -> Iterator[dict[str, str]]:
     yield env
     for leftover in folder.glob("*.sock"):
         leftover.unlink()
+
+
+def sockets(env: dict[str, str]) -> list[Path]:
+    """The resident servers' sockets in the folder ``env`` names (their names are the clients' fingerprint)."""
+    return sorted(path for path in Path(env[DIR_ENV]).glob("*.sock") if path.is_socket())
 
 
 def run(command: list[str], stdin: str, env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
@@ -91,8 +97,7 @@ def test_commands_in_a_spare_say_and_end_exactly_as_in_their_own_process(
     for _ in range(2):
         for command, stdin in commands:
             assert run(command, stdin, resident, tmp_path) == own[tuple(command)]
-    path = socket_path(resident)
-    assert path is not None and path.is_socket()  # the server is up: the commands were handed over
+    assert sockets(resident), "no server is up: the commands were not handed over"
 
 
 @pytest.mark.integration
@@ -161,12 +166,11 @@ def test_a_command_ends_with_its_client(resident: dict[str, str], tmp_path: Path
 def test_the_server_leaves_when_idle_and_takes_its_socket(resident: dict[str, str], tmp_path: Path) -> None:
     env = {**resident, RESIDENT_ENV: "2"}
     assert run(["health"], "{}", env, tmp_path)[0] == 0
-    path = socket_path(env)
-    assert path is not None and path.is_socket()
+    (path,) = sockets(env)
     assert wait_until(lambda: not path.exists(), seconds=10)
-    assert not Path(f"{path}.lock").exists()
+    assert not list(Path(env[DIR_ENV]).iterdir())  # its lock too
     assert run(["health"], "{}", env, tmp_path)[0] == 0  # and starts again for the next command
-    assert path.is_socket()
+    assert sockets(env) == [path]
 
 
 @pytest.mark.integration
@@ -187,3 +191,15 @@ def test_a_changed_installation_has_a_socket_of_its_own(tmp_path: Path) -> None:
     assert fingerprint(copy) == before
     (copy / "rules.py").write_text((copy / "rules.py").read_text() + "\n")
     assert fingerprint(copy) != before
+    changed = fingerprint(copy)
+    packages = tmp_path / "site-packages"
+    packages.mkdir()
+    sys.path.append(str(packages))
+    try:
+        assert fingerprint(copy) != changed  # another folder to import from
+        changed = fingerprint(copy)
+        time.sleep(0.01)
+        (packages / "upgraded-1.0.dist-info").mkdir()  # a package installed there
+        assert fingerprint(copy) != changed
+    finally:
+        sys.path.remove(str(packages))

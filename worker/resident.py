@@ -96,9 +96,13 @@ WORKER_FILES = Path(__file__).resolve().parent
 
 
 def fingerprint(files: Path = WORKER_FILES) -> str:
-    """The interpreter and the worker's files (name, size, modification time): a spare of an older
-    installation is never handed a command (a new one gets a socket of its own)."""
+    """The interpreter, the folders it imports from (a package installed, upgraded or removed changes its
+    folder's entries, so its modification time) and the worker's files (name, size, modification time):
+    a spare of an older installation is never handed a command (a new one gets a socket of its own)."""
     digest = hashlib.sha256(f"{os.path.realpath(sys.executable)}\0{sys.version}".encode())
+    for folder in filter(os.path.isabs, sys.path):  # not the working folder ('' or relative): the client's own
+        with contextlib.suppress(OSError):
+            digest.update(f"\0{folder}\0{os.stat(folder).st_mtime_ns}".encode())
     for entry in sorted(os.scandir(files), key=lambda e: e.name):
         if entry.name.endswith(".py"):
             status = entry.stat()
@@ -215,6 +219,7 @@ def warm_up() -> None:
     for name in (  # what the runs import when they first need it: the readers' and the drivers'
         "connectorx",
         "pyarrow",
+        "pgpq",  # the binary COPYs, taken whenever pyarrow is loaded (worker/store.py)
         "pymysql",
         "psycopg",
         "sqlalchemy.dialects.mysql.pymysql",
