@@ -124,6 +124,24 @@ def test_the_spare_runs_on_the_clients_own_descriptors_and_folder_while_the_clie
 
 
 @pytest.mark.integration
+def test_a_request_larger_than_the_sockets_buffer_arrives_whole(resident: dict[str, str], tmp_path: Path) -> None:
+    """The command's environment travels with it; one of 600 KB (more than a unix socket holds at once) is
+    read to its end before the command starts."""
+    run(["health"], "{}", resident, tmp_path)
+    large = {**resident, **{f"LARGE_{n}": "x" * 100_000 for n in range(6)}}  # one may hold 128 KB
+    client = start(large, tmp_path)
+    try:
+        stdin = os.readlink(f"/proc/{client.pid}/fd/0")
+        assert wait_until(lambda: holders_of(stdin, client.pid)), "the spare did not take the command"
+        time.sleep(0.5)
+        assert holders_of(stdin, client.pid), "the spare let the command go (the client runs it itself)"
+        out, err = client.communicate("{}", timeout=30)
+    finally:
+        client.kill()
+    assert (client.returncode, out) == (2, "") and "stdin JSON lacks legacy_db_url" in err
+
+
+@pytest.mark.integration
 def test_commands_at_once_each_get_a_spare_of_their_own(resident: dict[str, str], tmp_path: Path) -> None:
     """A second command while the first runs is not queued behind it: a spare warms up for it at once."""
     run(["health"], "{}", resident, tmp_path)

@@ -184,8 +184,10 @@ def handed_over(argv: Sequence[str]) -> int | None:
         return None
     with conn:
         request = json.dumps({"argv": list(argv), "env": dict(os.environ), "cwd": os.getcwd()}).encode()
+        message = _HEADER.pack(len(request)) + request
         try:
-            socket.send_fds(conn, [_HEADER.pack(len(request)) + request], [0, 1, 2])
+            sent = socket.send_fds(conn, [message], [0, 1, 2])  # the descriptors go with the first bytes
+            conn.sendall(message[sent:])
         except OSError:
             return None
         said = _read_exactly(conn, _PID.size)  # the spare took the command: from here on it is the spare's
@@ -294,7 +296,7 @@ def _watch(conn: socket.socket, ended: threading.Event) -> None:
     threading.Thread(target=watch, name="resident-client", daemon=True).start()
 
 
-def spare(listener: socket.socket, taken: int, go: int, run: Callable[[list[str]], int] | None = None) -> NoReturn:
+def spare(listener: socket.socket, taken: int, go: int) -> NoReturn:
     """A spare's life, in a process the server forked: wait until no command runs (``go``: the server says
     so; the imports would take a running command's CPU) or a client is waiting, warm up, take one command,
     run it, and leave (as ``clinic-migrate`` does) once its exit status is sent."""
@@ -330,7 +332,7 @@ def spare(listener: socket.socket, taken: int, go: int, run: Callable[[list[str]
     conn.sendall(_PID.pack(os.getpid()))
     ended = threading.Event()
     _watch(conn, ended)
-    code = _status(run or run_command, argv)
+    code = _status(run_command, argv)
     ended.set()
     leave(code, last=lambda: _say_status(conn, code))
 
