@@ -26,8 +26,10 @@ from resources.databases import DatabaseResource
 from resources.policy import MigrationPolicy
 from resources.ssh import SSHResource
 from resources.worker import WorkerResource
+from worker import counts as counts_module
 from worker import engine as engine_module
 from worker import locks, schema
+from worker.counts import count_eligible
 from worker.engine import MassDeleteRefused, Migration
 from worker.launch import RESIDENT_ENV
 from worker.locks import PartitionBusy
@@ -444,6 +446,46 @@ def test_a_mass_delete_verdict_that_comes_late_still_leaves_nothing_behind(
     assert patients_snapshot(target) == before
     with target.connect() as conn:
         assert conn.scalar(select(func.count()).where(schema.ledger.c.run_id == "second")) == 0
+
+
+def test_a_full_run_counts_the_eligible_rows_from_the_ids_its_guard_reads(
+    mariadb_url: str, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """E (the partition's eligible source rows) of a full run: counted on a first run (the guard reads
+    nothing) and when the guard is off (``allow_mass_delete``) or starts past the partition's start (a
+    resumed run); on a re-run from the start, from the source ids the guard reads — soft-deleted rows left
+    out, rows past the target's last legacy id (new since) counted. Each time equal to a count of its own."""
+    legacy, target = schema.make_engine(mariadb_url), schema.make_engine(postgres_url)
+    generate(legacy, patients_per_sistema=60, sistemas=("HSJ", "CLN01"))
+    params = RunParameters(entity="patients", sistema="HSJ", usuario="ana", run_id="first", batch_size=7)
+    counted: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(counts_module, "count_eligible", lambda *args: counted.append(args) or count_eligible(*args))
+
+    def eligible_after(run_id: str, **changes: Any) -> int:
+        migration = Migration(replace(params, run_id=run_id, **changes), legacy, target)
+        assert migration.counts_eligible
+        migration.run()
+        assert migration.eligible() == count_eligible("patients", "HSJ", legacy)
+        return migration.eligible()
+
+    eligible_after("first")
+    assert len(counted) == 1  # nothing migrated yet: nothing for the guard to read
+    p = schema.pacientes
+    columns = [c for c in p.c if c.name != "id"]
+    with legacy.begin() as conn:
+        lowest = conn.scalar(select(func.min(p.c.id)).where(p.c.sistema == "HSJ", p.c.eliminado == 0))
+        conn.execute(update(p).where(p.c.id.in_([lowest, lowest + 3])).values(eliminado=1))
+        conn.execute(  # five new rows of the sistema, past every id the target holds
+            p.insert().from_select(columns, select(*columns).where(p.c.sistema == "HSJ").order_by(p.c.id).limit(5))
+        )
+    monkeypatch.setattr(engine_module, "GUARD_IDS", 9)  # the guard reads the ids a few ranges at a time
+    before = eligible_after("second")
+    assert len(counted) == 1, "the re-run counted the source again instead of using the ids its guard read"
+    assert eligible_after("third", allow_mass_delete=True) == before
+    assert len(counted) == 2  # no guard: counted
+    with legacy.connect() as source, target.connect() as conn:
+        resumed = Migration(replace(params, run_id="fourth"), legacy, target)
+        assert resumed._guard_mass_delete(source, conn, after=lowest + 10) is None  # not from the start: counted
 
 
 def test_the_encounters_patient_lookups_are_priced_as_index_lookups(

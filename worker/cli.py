@@ -156,12 +156,16 @@ def _migrate(args: argparse.Namespace, secrets: dict[str, Any], reporter: Report
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="eligible") as beside:
         # The partition's counts for the asset page's plots (none for a dry run): E counted beside the
         # run, from its start (the legacy as the run's watermark saw it; the count took 0.1–0.2 s of
-        # an incremental run of 1–2 s), M and Q once the run is done.
-        eligible = None if params.dry_run else beside.submit(count_eligible, params.entity, params.sistema, legacy)
+        # an incremental run of 1–2 s) — by the run itself when it reads the source's ids anyway
+        # (Migration.counts_eligible) — M and Q once the run is done.
+        counting = None
+        if not (params.dry_run or migration.counts_eligible):
+            counting = beside.submit(count_eligible, params.entity, params.sistema, legacy)
         result = migration.run()
     metadata = result.metadata(params.entity, {"sistema": params.sistema}, params.dry_run)
-    if eligible is not None:
-        metadata |= count_clinical_partition(params.entity, params.sistema, eligible.result, target, state).metadata()
+    if not params.dry_run:
+        eligible = migration.eligible if counting is None else counting.result
+        metadata |= count_clinical_partition(params.entity, params.sistema, eligible, target, state).metadata()
     # What the run cost the legacy host's CPU (every thread of the worker, user and system).
     used = resource.getrusage(resource.RUSAGE_SELF)
     metadata["worker_cpu_s"] = round(used.ru_utime + used.ru_stime, 2)

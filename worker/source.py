@@ -251,13 +251,21 @@ class LegacyReader:
         Left to itself, MariaDB reads them by the sistema's index and looks every row up for
         ``eliminado``: 0.52 s for 480k ids of a sistema that is the whole table, against 0.18 s along the
         primary key."""
+        query = self._eligible(self.columns.table.c.id, after, conn, upto)
+        return self.frame(query, {"id": pl.Int64}, conn)
+
+    def eligible_count(self, after: int, conn: Connection) -> int:
+        """How many of those ids (:meth:`eligible_ids`) come after legacy id ``after``."""
+        return int(conn.scalar(self._eligible(func.count(), after, conn)) or 0)
+
+    def _eligible(self, picked: Any, after: int, conn: Connection, upto: int | None = None) -> Any:
         t = self.columns.table
-        query = select(t.c.id).where(t.c.sistema == self.sistema, t.c.eliminado == 0, t.c.id > after)
+        query = select(picked).select_from(t).where(t.c.sistema == self.sistema, t.c.eliminado == 0, t.c.id > after)
         if upto is not None:
             query = query.where(t.c.id <= upto)
         if self.page_index is None:
             self.page_index = page_index(conn, t, self.sistema)
-        return self.frame(self._along(query, self.page_index), {"id": pl.Int64}, conn)
+        return self._along(query, self.page_index)
 
     def _along(self, query: Any, index: str | None) -> Any:
         """``query`` read along ``index`` of the legacy table (as MariaDB plans it when None)."""
