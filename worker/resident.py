@@ -211,27 +211,39 @@ def _forward(pid: int, number: int) -> None:
 # --- the spare -----------------------------------------------------------------------------------
 
 
-def warm_up() -> None:
-    """Everything a command imports, imported ahead (as ``clinic-migrate`` would, memory caps first)."""
+def warm_up(waiting: Callable[[], bool] = lambda: False) -> None:
+    """Everything a command imports, imported ahead (as ``clinic-migrate`` would, memory caps first): what
+    every command needs, then what some need, unless ``waiting`` says a client waits meanwhile (the
+    command then imports what it needs itself, as in a process of its own)."""
     from worker.launch import prepare_process
 
     prepare_process()
     import worker.cli  # noqa: F401  SQLAlchemy, polars, dagster-pipes and the worker itself
 
-    for name in (  # what the runs import when they first need it: the readers' and the drivers'
-        "connectorx",
-        "pyarrow",
-        "pgpq",  # the binary COPYs, taken whenever pyarrow is loaded (worker/store.py)
-        "pymysql",
-        "psycopg",
-        "sqlalchemy.dialects.mysql.pymysql",
-        "sqlalchemy.dialects.postgresql.psycopg",
-        "worker.verify_clinical",
+    for name in ("pymysql", "psycopg", "sqlalchemy.dialects.mysql.pymysql", "sqlalchemy.dialects.postgresql.psycopg"):
+        _import(name)
+    for step in (  # a full run's readers and binary COPYs (taken whenever pyarrow is loaded), a verification's
+        lambda: _import("connectorx"),
+        _first_arrow_cast,
+        lambda: _import("pgpq"),
+        lambda: _import("worker.verify_clinical"),
     ):
-        try:
-            __import__(name)
-        except ImportError:
-            continue
+        if waiting():
+            return
+        step()
+
+
+def _import(name: str) -> None:
+    with contextlib.suppress(ImportError):
+        __import__(name)
+
+
+def _first_arrow_cast() -> None:
+    """pyarrow, and its compute functions' first use (27-250 ms, once a process: the first cast of a COPY)."""
+    with contextlib.suppress(ImportError):
+        import pyarrow
+
+        pyarrow.array([1]).cast(pyarrow.int32())
 
 
 def _take(conn: socket.socket) -> tuple[list[str], dict[str, str], str, list[int]] | None:
@@ -309,7 +321,7 @@ def spare(listener: socket.socket, taken: int, go: int) -> NoReturn:
             os._exit(0)
         break
     os.close(go)
-    warm_up()
+    warm_up(lambda: bool(select.select([listener], [], [], 0)[0]))
     from worker.launch import leave, run_command
 
     while True:
