@@ -257,19 +257,16 @@ class WorkerResource(ConfigurableResource):
 
     @contextmanager
     def host(self) -> Iterator[Starter]:
-        """A way to start processes on the worker host; checks first that the worker exists."""
+        """A way to start processes on the worker host. Over SSH, each first checks that the worker is there
+        (in the same session: a missing one exits 127, ``COMMAND_NOT_FOUND``, before anything runs)."""
         if self.transport == "local":
             yield LocalProcess
             return
         if self.ssh is None:
             raise MigrationError(Category.VALIDATION_ERROR, "WORKER_TRANSPORT=ssh needs the SSH_* settings")
-        ssh = self.ssh
+        ssh, worker = self.ssh, self.command_argv[0]
         with ssh.connect() as client:
-            if not ssh.command_exists(client, self.command_argv[0]):
-                raise MigrationError(
-                    Category.COMMAND_NOT_FOUND, f"{self.command_argv[0]} is not installed on {ssh.host}"
-                )
-            yield lambda argv, stdin: ssh.start(client, argv, stdin)
+            yield lambda argv, stdin: ssh.start(client, argv, stdin, check=worker)
 
     def migrate(
         self,

@@ -92,12 +92,24 @@ def test_nothing_listening_is_a_connection_error(sshd: SSHServer) -> None:
 
 
 def test_missing_worker_is_found_before_running(sshd: SSHServer, tmp_path: Path) -> None:
+    """The worker is looked for in the session that runs the command (one login shell, not two): when it is
+    missing, nothing of the command runs and the step fails as COMMAND_NOT_FOUND, naming it."""
     marker = tmp_path / "ran"
-    worker = WorkerResource(transport="ssh", command=f"no-such-worker-{os.getpid()}", ssh=resource(sshd))
-    with pytest.raises(MigrationError) as caught, worker.host() as start:
-        start(["sh", "-c", f"touch {marker}"], b"")
-    assert caught.value.category == Category.COMMAND_NOT_FOUND
+    missing = f"no-such-worker-{os.getpid()}"
+    worker = WorkerResource(transport="ssh", command=missing, ssh=resource(sshd))
+    with worker.host() as start:
+        process = start(["sh", "-c", f"touch {marker}"], b"")
+        lines = list(process.lines(time.monotonic() + 30))
+        assert process.wait() == 127 and process.pid is None
     assert not marker.exists()
+    assert ("stderr", f"COMMAND_NOT_FOUND: {missing} is not installed") in lines
+    with pytest.raises(MigrationError) as caught:
+        worker.run_json(["sistemas"], {})
+    assert caught.value.category == Category.COMMAND_NOT_FOUND and f"{missing} is not installed" in str(caught.value)
+    ssh = resource(sshd)
+    with ssh.connect() as client:  # a worker that is there runs
+        assert ssh.start(client, ["sh", "-c", f"touch {marker}"], b"", check="sh").wait() == 0
+    assert marker.exists()
 
 
 @pytest.mark.parametrize("hostile", ["; rm -rf /tmp/x", "$(id)", "`id`", "a'b\"c", "x && touch /tmp/pwned", "*"])
