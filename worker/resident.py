@@ -466,7 +466,9 @@ def serve(path: Path, seconds: int) -> int:
     try:
         while time.monotonic() < deadline:
             try:
-                readable, _, _ = select.select([read_end, wake_read], [], [], min(1.0, deadline - time.monotonic()))
+                readable, _, _ = select.select(
+                    [read_end, wake_read], [], [], min(1.0, max(0.0, deadline - time.monotonic()))
+                )
             except InterruptedError:
                 continue
             if wake_read in readable:
