@@ -81,7 +81,7 @@ def run_command(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if os.environ.get(RESIDENT_ENV, "0").strip() not in ("", "0"):  # worker/resident.py: opt-in
+    if os.environ.get(RESIDENT_ENV):  # worker/resident.py (opt-in) reads its value
         from worker.resident import handed_over
 
         if (code := handed_over(args)) is not None:

@@ -47,7 +47,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from worker.launch import RESIDENT_ENV as SECONDS_ENV
+from worker.launch import RESIDENT_ENV
 
 DIR_ENV = "CLINIC_MIGRATE_RESIDENT_DIR"
 START_WAIT_SECONDS = 2.0  # how long a client waits for the server it started to listen
@@ -65,7 +65,7 @@ _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 def resident_seconds(environ: dict[str, str] | os._Environ[str] = os.environ) -> int:
     """Seconds a resident worker waits for its next command; 0 (off) when unset or not a positive integer."""
     try:
-        return max(0, int(environ.get(SECONDS_ENV, "0")))
+        return max(0, int(environ.get(RESIDENT_ENV, "0")))
     except ValueError:
         return 0
 
@@ -159,11 +159,9 @@ def _reach(path: Path, seconds: int) -> socket.socket | None:
 def _read_exactly(conn: socket.socket, size: int) -> bytes | None:
     """``size`` bytes, or None at the end of the stream (or a reset) before them."""
     data = b""
-    while len(data) < size:
+    while len(data) < size:  # a signal handled meanwhile (the client forwards some) does not end a recv: PEP 475
         try:
             chunk = conn.recv(size - len(data))
-        except InterruptedError:
-            continue
         except OSError:
             return None
         if not chunk:
@@ -291,14 +289,9 @@ def _watch(conn: socket.socket, ended: threading.Event) -> None:
     it has not ended ``KILL_GRACE_SECONDS`` later."""
 
     def watch() -> None:
-        while True:
-            try:
-                if conn.recv(1) == b"":
-                    break
-            except InterruptedError:
-                continue
-            except OSError:
-                break
+        with contextlib.suppress(OSError):  # a reset is the client gone too
+            while conn.recv(1):
+                pass
         if ended.is_set():
             return
         os.kill(os.getpid(), signal.SIGTERM)
@@ -312,26 +305,17 @@ def spare(listener: socket.socket, taken: int, go: int) -> NoReturn:
     """A spare's life, in a process the server forked: wait until no command runs (``go``: the server says
     so; the imports would take a running command's CPU) or a client is waiting, warm up, take one command,
     run it, and leave (as ``clinic-migrate`` does) once its exit status is sent."""
-    while True:
-        try:
-            readable, _, _ = select.select([listener, go], [], [])
-        except InterruptedError:
-            continue
-        if go in readable and os.read(go, 1) == b"":  # the server is gone, and no client came: nothing to do
-            os._exit(0)
-        break
+    readable, _, _ = select.select([listener, go], [], [])
+    if go in readable and os.read(go, 1) == b"":  # the server is gone, and no client came: nothing to do
+        os._exit(0)
     os.close(go)
     warm_up(lambda: bool(select.select([listener], [], [], 0)[0]))
     from worker.launch import leave, run_command
 
-    while True:
-        try:
-            conn, _ = listener.accept()
-        except InterruptedError:
-            continue
-        except OSError:  # the server shut the socket down: no command for this spare
-            leave(0)
-        break
+    try:
+        conn, _ = listener.accept()
+    except OSError:  # the server shut the socket down: no command for this spare
+        leave(0)
     listener.close()
     os.write(taken, b"t")  # the server starts the next spare now
     os.close(taken)
@@ -465,12 +449,10 @@ def serve(path: Path, seconds: int) -> int:
     broken = False
     try:
         while time.monotonic() < deadline:
-            try:
-                readable, _, _ = select.select(
-                    [read_end, wake_read], [], [], min(1.0, max(0.0, deadline - time.monotonic()))
-                )
-            except InterruptedError:
-                continue
+            # A spare's SIGCHLD does not end the wait (PEP 475): its handler writes to ``wake_read``.
+            readable, _, _ = select.select(
+                [read_end, wake_read], [], [], min(1.0, max(0.0, deadline - time.monotonic()))
+            )
             if wake_read in readable:
                 with contextlib.suppress(BlockingIOError):
                     os.read(wake_read, 512)
