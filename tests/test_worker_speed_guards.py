@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 
 import polars as pl
@@ -125,6 +125,30 @@ def test_binary_copy_stores_what_csv_copy_stores(postgres_url: str) -> None:
         engine.dispose()
 
 
+def test_the_binary_form_is_made_without_arrows_compute_functions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """polars converts the columns (widened integers, a zone and unit made UTC microseconds, an all-NULL
+    column typed): Arrow's first cast in a process builds its compute registry (time, and 31-38 MB of a
+    first run's peak RSS)."""
+    import pyarrow
+    import pyarrow.compute
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an Arrow cast")
+
+    monkeypatch.setattr(pyarrow.compute, "cast", refused)
+    narrower = pl.col("k").cast(pl.Int32, strict=False), pl.col("z").dt.cast_time_unit("ms")
+    frame = copy_guard_frame(50).with_columns(*narrower)
+    arrow = store.binary_columns(COPIED, frame)
+    assert arrow is not None
+    assert [str(t) for t in arrow.schema.types] == [
+        "int64", "large_string", "large_string", "large_string", "date32[day]", "timestamp[us, tz=UTC]", "large_string"
+    ]  # fmt: skip
+    assert arrow.column("z").to_pylist() == frame["z"].to_list()  # the same instants
+    assert arrow.column("k").to_pylist() == frame["k"].to_list()
+    with pytest.raises(AssertionError, match="an Arrow cast"):
+        pyarrow.array([1]).cast(pyarrow.int32())  # what the guard refuses
+
+
 def test_frames_the_binary_form_cannot_write_exactly_go_as_csv() -> None:
     frame = copy_guard_frame(3)
     assert store.binary_columns(COPIED, frame) is not None
@@ -183,5 +207,41 @@ def test_mariadb_tls_options_still_reach_pymysql(mariadb_url: str, tmp_path: Pat
     try:
         with pytest.raises(FileNotFoundError), engine.connect():
             pass
+    finally:
+        engine.dispose()
+
+
+def test_an_earlier_releases_ledger_gets_the_ledgers_indexes_and_keeps_its_rows(postgres_url: str) -> None:
+    """The ledger carries only the indexes its readers need (one per run and legacy id, a BRIN on time):
+    each is written once per ledger row. create_schemas brings the ledger of an earlier release (an index
+    on the run, another on the record) to them, rows kept; a second call changes nothing."""
+    engine = schema.make_engine(postgres_url)
+
+    def ledger_indexes() -> dict[str, str]:
+        with engine.connect() as conn:
+            found = conn.execute(
+                text("SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'migration' AND tablename = :t"),
+                {"t": "ledger"},
+            )
+            return {row.indexname: row.indexdef for row in found}
+
+    try:
+        schema.create_schemas(engine, schema.state_metadata)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP INDEX migration.ix_ledger_run")
+            conn.exec_driver_sql("DROP INDEX migration.ix_ledger_at")
+            conn.exec_driver_sql("CREATE INDEX ix_ledger_record ON migration.ledger (entity, partition_key, legacy_id)")
+            conn.exec_driver_sql("CREATE INDEX ix_migration_ledger_run_id ON migration.ledger (run_id)")
+            row = {"entity": "patients", "partition_key": "HSJ", "action": "inserted", "run_id": "r1"}
+            rows = [row | {"legacy_id": i, "target_id": str(i), "at": datetime.now(UTC)} for i in range(5)]
+            conn.execute(insert(schema.ledger), rows)
+        for _ in range(2):
+            schema.create_schemas(engine, schema.state_metadata)
+            indexes = ledger_indexes()
+            assert set(indexes) == {"ledger_pkey", "ix_ledger_run", "ix_ledger_at"}
+            assert indexes["ix_ledger_run"].endswith("USING btree (run_id, legacy_id)")
+            assert indexes["ix_ledger_at"].endswith("USING brin (at)")
+            with engine.connect() as conn:
+                assert conn.scalar(text("SELECT count(*) FROM migration.ledger WHERE run_id = 'r1'")) == 5
     finally:
         engine.dispose()

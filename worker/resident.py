@@ -222,7 +222,7 @@ def warm_up(waiting: Callable[[], bool] = lambda: False) -> None:
         _import(name)
     for step in (  # a full run's readers and binary COPYs (taken whenever pyarrow is loaded), a verification's
         lambda: _import("connectorx"),
-        _first_arrow_cast,
+        lambda: _import("pyarrow.compute"),  # polars' from_arrow imports it (a first cast is not made ahead)
         lambda: _import("pgpq"),
         lambda: _import("worker.verify_clinical"),
     ):
@@ -234,14 +234,6 @@ def warm_up(waiting: Callable[[], bool] = lambda: False) -> None:
 def _import(name: str) -> None:
     with contextlib.suppress(ImportError):
         __import__(name)
-
-
-def _first_arrow_cast() -> None:
-    """pyarrow, and its compute functions' first use (27-250 ms, once a process: the first cast of a COPY)."""
-    with contextlib.suppress(ImportError):
-        import pyarrow
-
-        pyarrow.array([1]).cast(pyarrow.int32())
 
 
 def _take(conn: socket.socket) -> tuple[list[str], dict[str, str], str, list[int]] | None:
