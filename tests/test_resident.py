@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from worker.launch import RESIDENT_ENV
-from worker.resident import DIR_ENV, WORKER_FILES, fingerprint, socket_path
+from worker.resident import DIR_ENV, QUIET_SECONDS, SPARES, WORKER_FILES, fingerprint, socket_path
 
 from .conftest import WORKER_COMMAND
 
@@ -157,6 +157,55 @@ def test_commands_at_once_each_get_a_spare_of_their_own(resident: dict[str, str]
             client.kill()
     assert [client.returncode for client in clients] == [2, 2, 2]
     assert all("stdin JSON lacks legacy_db_url" in err for _, err in said)
+
+
+def children_of_server(path: Path) -> list[int]:
+    """The processes the resident server of socket ``path`` forked (its spares, and those running commands)."""
+    procs = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(path) in (entry / "cmdline").read_text():
+                procs[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+    servers = [pid for pid, parent in procs.items() if parent not in procs]
+    return sorted(pid for pid, parent in procs.items() if parent in servers and alive(pid))
+
+
+def imported(pid: int) -> bool:
+    try:
+        return "polars" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.integration
+def test_a_command_that_follows_another_finds_a_spare_ready_and_no_spare_imports_meanwhile(
+    resident: dict[str, str], tmp_path: Path
+) -> None:
+    """Two spares are kept ready: while a command runs, another has done its imports for the next one, and
+    the spare forked in place of the one taken imports only once no command has run for QUIET_SECONDS."""
+    run(["health"], "{}", resident, tmp_path)
+    (path,) = sockets(resident)
+    assert wait_until(lambda: len(children_of_server(path)) == SPARES and all(map(imported, children_of_server(path))))
+    client = start(resident, tmp_path)
+    try:
+        stdin = os.readlink(f"/proc/{client.pid}/fd/0")
+        assert wait_until(lambda: holders_of(stdin, client.pid))
+        (taken,) = holders_of(stdin, client.pid)
+        others = lambda: [pid for pid in children_of_server(path) if pid != taken]  # noqa: E731
+        assert wait_until(lambda: len(others()) == SPARES), "no spare forked in place of the one taken"
+        time.sleep(QUIET_SECONDS + 0.5)  # the command still runs: waiting for its secrets
+        assert sorted(map(imported, others())) == [False, True]  # one ready; the new one has not imported
+        out, err = client.communicate("{}", timeout=30)
+        ended = time.monotonic()
+    finally:
+        client.kill()
+    assert (client.returncode, out) == (2, "") and "stdin JSON lacks legacy_db_url" in err
+    time.sleep(QUIET_SECONDS / 2)  # a command that follows at once must not meet a spare importing
+    meanwhile = sorted(map(imported, others()))
+    assert time.monotonic() - ended >= QUIET_SECONDS or meanwhile == [False, True], "imported before it was quiet"
+    assert wait_until(lambda: len(others()) == SPARES and all(map(imported, others()))), "not imported once quiet"
 
 
 @pytest.mark.integration

@@ -11,8 +11,11 @@ user keeps ready on a unix socket only this user can reach, and stays a thin cli
   environment and working directory, runs it as ``clinic-migrate`` would, and sends back its exit
   status, which the client exits with.
 - A spare runs one command and exits: no two commands ever share a process, a connection or memory.
-  The server starts the next spare when one is taken; the server itself imports nothing heavy, so it
-  forks no threads' state.
+  The server keeps ``SPARES`` spares (two): a command that follows another at once (a job's encounters
+  after its patients, a check after its run) finds one that has done its imports. It starts the next
+  spare when one is taken, and that spare imports once no command has run for ``QUIET_SECONDS`` (its
+  imports would take a running command's CPU), or at once for a client that finds no spare ready. The
+  server itself imports nothing heavy, so it forks no threads' state.
 - The client forwards SIGTERM, SIGINT and SIGHUP to the spare running its command. Should the client
   die (a SIGKILL), the spare finds the socket closed and ends its command as a SIGTERM would, then kills
   itself after ``KILL_GRACE_SECONDS``.
@@ -52,6 +55,9 @@ from worker.launch import RESIDENT_ENV
 DIR_ENV = "CLINIC_MIGRATE_RESIDENT_DIR"
 START_WAIT_SECONDS = 2.0  # how long a client waits for the server it started to listen
 KILL_GRACE_SECONDS = 5.0  # a spare whose client is gone: SIGTERM, then SIGKILL after this long
+SPARES = 2  # spares kept ready
+QUIET_SECONDS = 1.0  # a spare imports once no command has run for this long (or a client waits for it)
+CLAIM_SECONDS = 0.02  # a cold spare woken by a client leaves it this long to a ready spare
 MAX_REQUEST_BYTES = 1 << 20
 _HEADER = struct.Struct("!I")
 _PID = struct.Struct("!q")
@@ -294,12 +300,19 @@ def _watch(conn: socket.socket, ended: threading.Event) -> None:
 
 
 def spare(listener: socket.socket, taken: int, go: int) -> NoReturn:
-    """A spare's life, in a process the server forked: wait until no command runs (``go``: the server says
-    so; the imports would take a running command's CPU) or a client is waiting, warm up, take one command,
-    run it, and leave (as ``clinic-migrate`` does) once its exit status is sent."""
-    readable, _, _ = select.select([listener, go], [], [])
-    if go in readable and os.read(go, 1) == b"":  # the server is gone, and no client came: nothing to do
-        os._exit(0)
+    """A spare's life, in a process the server forked: wait until no command has run for a while (``go``:
+    the server says so; the imports would take a running command's CPU) or a client is waiting that no
+    ready spare takes, warm up, take one command, run it, and leave (as ``clinic-migrate`` does) once its
+    exit status is sent."""
+    while True:
+        readable, _, _ = select.select([listener, go], [], [])
+        if go in readable:
+            if os.read(go, 1) == b"":  # the server is gone, and no client came: nothing to do
+                os._exit(0)
+            break
+        time.sleep(CLAIM_SECONDS)  # every spare wakes for a client; a ready one accepts it at once
+        if select.select([listener], [], [], 0)[0]:
+            break  # still waiting: no spare is ready for it
     os.close(go)
     warm_up(lambda: bool(select.select([listener], [], [], 0)[0]))
     from worker.launch import leave, run_command
@@ -309,7 +322,7 @@ def spare(listener: socket.socket, taken: int, go: int) -> NoReturn:
     except OSError:  # the server shut the socket down: no command for this spare
         leave(0)
     listener.close()
-    os.write(taken, b"t")  # the server starts the next spare now
+    os.write(taken, _PID.pack(os.getpid()))  # the server starts the next spare now
     os.close(taken)
     command = _take(conn)
     if command is None:
@@ -393,10 +406,10 @@ def _forget_stale(folder: Path, fcntl: Any) -> None:
         os.close(held)
 
 
-def _fork_spare(listener: socket.socket, taken: int, servers: Sequence[int], start: bool) -> tuple[int, int | None]:
-    """A new spare, and the descriptor that tells it to warm up (None: told already, ``start``).
-    ``servers``: the server's own descriptors, closed in the spare (its lock above all: a command running
-    long must not keep the next server from starting)."""
+def _fork_spare(listener: socket.socket, taken: int, servers: Sequence[int]) -> tuple[int, int]:
+    """A new spare, and the descriptor that tells it to warm up. ``servers``: the server's own descriptors,
+    closed in the spare (its lock above all: a command running long must not keep the next server from
+    starting; the other spares' go descriptors: each spare finds the server gone when its own closes)."""
     go_read, go_write = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:  # the spare: leaves with its command's status, never returns here
@@ -409,9 +422,6 @@ def _fork_spare(listener: socket.socket, taken: int, servers: Sequence[int], sta
         finally:
             os._exit(70)  # EX_SOFTWARE: the spare failed before its command
     os.close(go_read)
-    if start:
-        _tell(go_write)
-        return pid, None
     return pid, go_write
 
 
@@ -422,8 +432,8 @@ def _tell(go: int) -> None:
 
 
 def serve(path: Path, seconds: int) -> int:
-    """Keep one spare ready at ``path`` until ``seconds`` pass without a command (or the socket is no
-    longer ours); 0, or 1 when a spare died before taking a command (a broken installation: no new
+    """Keep ``SPARES`` spares ready at ``path`` until ``seconds`` pass without a command (or the socket is
+    no longer ours); 0, or 1 when a spare died before taking a command (a broken installation: no new
     spare is started, clients run commands themselves)."""
     bound = _listen(path)
     if bound is None:
@@ -436,43 +446,57 @@ def serve(path: Path, seconds: int) -> int:
     signal.set_wakeup_fd(wake_write)
     mine = (read_end, lock, wake_read, wake_write)
     busy: set[int] = set()  # spares running a command
-    ready, go = _fork_spare(listener, write_end, mine, start=True)
+    waiting: dict[int, int | None] = {}  # spares without a command: the descriptor that tells each to warm up
+
+    def fork_spare() -> None:
+        others = [go for go in waiting.values() if go is not None]
+        pid, go = _fork_spare(listener, write_end, (*mine, *others))
+        waiting[pid] = go
+
+    for _ in range(SPARES):  # None: told
+        fork_spare()
+    quiet_since = time.monotonic() - QUIET_SECONDS  # no command has run yet: the first spares warm up now
     deadline = time.monotonic() + seconds
     broken = False
     try:
-        while time.monotonic() < deadline:
+        while (now := time.monotonic()) < deadline:
+            timeout = min(1.0, max(0.0, deadline - now))
+            if not busy and any(go is not None for go in waiting.values()):
+                timeout = min(timeout, max(0.0, quiet_since + QUIET_SECONDS - now))
             # A spare's SIGCHLD does not end the wait (PEP 475): its handler writes to ``wake_read``.
-            readable, _, _ = select.select(
-                [read_end, wake_read], [], [], min(1.0, max(0.0, deadline - time.monotonic()))
-            )
+            readable, _, _ = select.select([read_end, wake_read], [], [], timeout)
             if wake_read in readable:
                 with contextlib.suppress(BlockingIOError):
                     os.read(wake_read, 512)
-            busy = {pid for pid in busy if not _reaped(pid)}
-            if read_end in readable:  # the ready spare took a command: the next one warms up once it ends
-                os.read(read_end, 1)
-                busy.add(ready)
-                if go is not None:  # a client came before the command before it ended
+            if busy and not (busy := {pid for pid in busy if not _reaped(pid)}):
+                quiet_since = time.monotonic()
+            if read_end in readable:  # a spare took a command: another is forked, to warm up later
+                (pid,) = _PID.unpack(os.read(read_end, _PID.size))
+                if (go := waiting.pop(pid, None)) is not None:  # a client came while it was not told
                     _tell(go)
-                ready, go = _fork_spare(listener, write_end, mine, start=False)
+                busy.add(pid)
+                fork_spare()
                 deadline = time.monotonic() + seconds
                 continue
-            if not busy and go is not None:
-                _tell(go)
-                go = None
-            if _reaped(ready) and not select.select([read_end], [], [], 0)[0]:  # it died without a command
-                broken = True
+            if not busy and time.monotonic() - quiet_since >= QUIET_SECONDS:
+                for pid, go in waiting.items():
+                    if go is not None:
+                        _tell(go)
+                        waiting[pid] = None
+            if any(_reaped(pid) for pid in waiting) and not select.select([read_end], [], [], 0)[0]:
+                broken = True  # a spare died without a command
                 break
             if not _still_ours(path, identity):
                 break
     finally:
         if _still_ours(path, identity):
             os.unlink(path)
-        # The ready spare's accept fails and it leaves; one that took a command just now keeps it.
+        # The ready spares' accept fails and they leave; one that took a command just now keeps it.
         listener.shutdown(socket.SHUT_RDWR)
         listener.close()
-        if go is not None:  # a spare not warmed up yet leaves at once
-            os.close(go)
+        for go in waiting.values():  # a spare not warmed up yet leaves at once
+            if go is not None:
+                os.close(go)
         with contextlib.suppress(OSError):
             os.unlink(f"{path}.lock")
         os.close(lock)
