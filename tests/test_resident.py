@@ -209,6 +209,32 @@ def test_a_command_that_follows_another_finds_a_spare_ready_and_no_spare_imports
 
 
 @pytest.mark.integration
+def test_a_client_that_finds_no_spare_warm_gets_one_spare_warming_not_every_cold_one(
+    resident: dict[str, str], tmp_path: Path
+) -> None:
+    """Two commands take the two warm spares; a third, while they run, finds both of their replacements cold:
+    one of them imports and takes it, the other stays cold (it would take the commands' CPU)."""
+    run(["health"], "{}", resident, tmp_path)
+    (path,) = sockets(resident)
+    assert wait_until(lambda: len(children_of_server(path)) == SPARES and all(map(imported, children_of_server(path))))
+    clients = [start(resident, tmp_path) for _ in range(SPARES + 1)]
+    try:
+        stdins = [os.readlink(f"/proc/{client.pid}/fd/0") for client in clients]
+        assert wait_until(lambda: all(holders_of(stdin, c.pid) for stdin, c in zip(stdins, clients, strict=True)))
+        taken = {holders_of(stdin, c.pid)[0] for stdin, c in zip(stdins, clients, strict=True)}
+        others = lambda: [pid for pid in children_of_server(path) if pid not in taken]  # noqa: E731
+        assert wait_until(lambda: len(others()) == SPARES), "no spares forked in place of those taken"
+        time.sleep(1.0)  # the commands still run: waiting for their secrets
+        assert not any(map(imported, others())), "a spare imported while commands ran and no client waited"
+        said = [client.communicate("{}", timeout=30) for client in clients]
+    finally:
+        for client in clients:
+            client.kill()
+    assert [client.returncode for client in clients] == [2] * (SPARES + 1)
+    assert all("stdin JSON lacks legacy_db_url" in err for _, err in said)
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
 def test_a_command_ends_with_its_client(resident: dict[str, str], tmp_path: Path, signum: int) -> None:
     """SIGTERM to the client reaches the command (which ends as a SIGTERM ends it: 143, through the client);

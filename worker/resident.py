@@ -14,8 +14,9 @@ user keeps ready on a unix socket only this user can reach, and stays a thin cli
   The server keeps ``SPARES`` spares (two): a command that follows another at once (a job's encounters
   after its patients, a check after its run) finds one that has done its imports. It starts the next
   spare when one is taken, and that spare imports once no command has run for ``QUIET_SECONDS`` (its
-  imports would take a running command's CPU), or at once for a client that finds no spare ready. The
-  server itself imports nothing heavy, so it forks no threads' state.
+  imports would take a running command's CPU), or at once for a client that finds no spare warm or
+  warming (one spare for it, not every cold one). The server itself imports nothing heavy, so it forks
+  no threads' state.
 - The client forwards SIGTERM, SIGINT and SIGHUP to the spare running its command. Should the client
   die (a SIGKILL), the spare finds the socket closed and ends its command as a SIGTERM would, then kills
   itself after ``KILL_GRACE_SECONDS``.
@@ -57,7 +58,6 @@ START_WAIT_SECONDS = 2.0  # how long a client waits for the server it started to
 KILL_GRACE_SECONDS = 5.0  # a spare whose client is gone: SIGTERM, then SIGKILL after this long
 SPARES = 2  # spares kept ready
 QUIET_SECONDS = 1.0  # a spare imports once no command has run for this long (or a client waits for it)
-CLAIM_SECONDS = 0.02  # a cold spare woken by a client leaves it this long to a ready spare
 MAX_REQUEST_BYTES = 1 << 20
 _HEADER = struct.Struct("!I")
 _PID = struct.Struct("!q")
@@ -300,19 +300,11 @@ def _watch(conn: socket.socket, ended: threading.Event) -> None:
 
 
 def spare(listener: socket.socket, taken: int, go: int) -> NoReturn:
-    """A spare's life, in a process the server forked: wait until no command has run for a while (``go``:
-    the server says so; the imports would take a running command's CPU) or a client is waiting that no
-    ready spare takes, warm up, take one command, run it, and leave (as ``clinic-migrate`` does) once its
-    exit status is sent."""
-    while True:
-        readable, _, _ = select.select([listener, go], [], [])
-        if go in readable:
-            if os.read(go, 1) == b"":  # the server is gone, and no client came: nothing to do
-                os._exit(0)
-            break
-        time.sleep(CLAIM_SECONDS)  # every spare wakes for a client; a ready one accepts it at once
-        if select.select([listener], [], [], 0)[0]:
-            break  # still waiting: no spare is ready for it
+    """A spare's life, in a process the server forked: wait until the server says to warm up (``go``: no
+    command has run for a while, or a client waits that no other spare serves), warm up, take one
+    command, run it, and leave (as ``clinic-migrate`` does) once its exit status is sent."""
+    if os.read(go, 1) == b"":  # the server is gone before it said so: nothing to do
+        os._exit(0)
     os.close(go)
     warm_up(lambda: bool(select.select([listener], [], [], 0)[0]))
     from worker.launch import leave, run_command
@@ -453,6 +445,12 @@ def serve(path: Path, seconds: int) -> int:
         pid, go = _fork_spare(listener, write_end, (*mine, *others))
         waiting[pid] = go
 
+    def tell(pid: int) -> None:
+        go = waiting[pid]
+        if go is not None:
+            _tell(go)
+            waiting[pid] = None
+
     for _ in range(SPARES):  # None: told
         fork_spare()
     quiet_since = time.monotonic() - QUIET_SECONDS  # no command has run yet: the first spares warm up now
@@ -463,8 +461,11 @@ def serve(path: Path, seconds: int) -> int:
             timeout = min(1.0, max(0.0, deadline - now))
             if not busy and any(go is not None for go in waiting.values()):
                 timeout = min(timeout, max(0.0, quiet_since + QUIET_SECONDS - now))
+            # Clients are watched for while every spare waiting is cold: one of them warms up for a client.
+            cold = [pid for pid, go in waiting.items() if go is not None]
+            clients = [listener] if cold and len(cold) == len(waiting) else []
             # A spare's SIGCHLD does not end the wait (PEP 475): its handler writes to ``wake_read``.
-            readable, _, _ = select.select([read_end, wake_read], [], [], timeout)
+            readable, _, _ = select.select([read_end, wake_read, *clients], [], [], timeout)
             if wake_read in readable:
                 with contextlib.suppress(BlockingIOError):
                     os.read(wake_read, 512)
@@ -472,17 +473,16 @@ def serve(path: Path, seconds: int) -> int:
                 quiet_since = time.monotonic()
             if read_end in readable:  # a spare took a command: another is forked, to warm up later
                 (pid,) = _PID.unpack(os.read(read_end, _PID.size))
-                if (go := waiting.pop(pid, None)) is not None:  # a client came while it was not told
-                    _tell(go)
+                waiting.pop(pid, None)
                 busy.add(pid)
                 fork_spare()
                 deadline = time.monotonic() + seconds
                 continue
             if not busy and time.monotonic() - quiet_since >= QUIET_SECONDS:
-                for pid, go in waiting.items():
-                    if go is not None:
-                        _tell(go)
-                        waiting[pid] = None
+                for pid in cold:
+                    tell(pid)
+            elif listener in readable:
+                tell(cold[0])
             if any(_reaped(pid) for pid in waiting) and not select.select([read_end], [], [], 0)[0]:
                 broken = True  # a spare died without a command
                 break
