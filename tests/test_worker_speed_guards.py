@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import sys
+import uuid
 from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 
 import polars as pl
 import pytest
 from sqlalchemy import JSON, BigInteger, Column, Date, DateTime, MetaData, String, Table, Text, insert, select, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from worker import batch, schema, store
@@ -245,3 +247,40 @@ def test_an_earlier_releases_ledger_gets_the_ledgers_indexes_and_keeps_its_rows(
                 assert conn.scalar(text("SELECT count(*) FROM migration.ledger WHERE run_id = 'r1'")) == 5
     finally:
         engine.dispose()
+
+
+def test_a_role_that_does_not_own_the_ledger_keeps_its_earlier_indexes_and_says_so(postgres_url: str) -> None:
+    """A database role that may create schemas but does not own the ledger cannot replace its indexes:
+    create_schemas leaves them, says which, and the run goes on; the owner's next call replaces them."""
+    owner = schema.make_engine(postgres_url)
+    role = f"not_owner_{uuid.uuid4().hex[:8]}"
+    database = make_url(postgres_url).database
+    other = None
+    try:
+        schema.create_schemas(owner, schema.state_metadata)
+        with owner.begin() as conn:
+            conn.exec_driver_sql("DROP INDEX migration.ix_ledger_run")
+            conn.exec_driver_sql("CREATE INDEX ix_migration_ledger_run_id ON migration.ledger (run_id)")
+            conn.exec_driver_sql(f'CREATE ROLE "{role}" LOGIN')
+            conn.exec_driver_sql(f'GRANT CREATE ON DATABASE "{database}" TO "{role}"')
+            conn.exec_driver_sql(f'GRANT USAGE ON SCHEMA migration TO "{role}"')
+            conn.exec_driver_sql(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA migration TO "{role}"')
+        other = schema.make_engine(make_url(postgres_url).set(username=role).render_as_string(hide_password=False))
+        said: list[str] = []
+        schema.create_schemas(other, schema.state_metadata, log=said.append)
+        assert len(said) == 2 and "ix_migration_ledger_run_id" in said[0] and "ix_ledger_run" in said[1], said
+        assert all("migration.ledger" in line and "does not own" in line for line in said)
+        with owner.connect() as conn:
+            names = set(conn.scalars(text("SELECT indexname FROM pg_indexes WHERE tablename = 'ledger'")))
+        assert names == {"ledger_pkey", "ix_migration_ledger_run_id", "ix_ledger_at"}
+        schema.create_schemas(owner, schema.state_metadata, log=said.append)
+        with owner.connect() as conn:
+            names = set(conn.scalars(text("SELECT indexname FROM pg_indexes WHERE tablename = 'ledger'")))
+        assert names == {"ledger_pkey", "ix_ledger_run", "ix_ledger_at"} and len(said) == 2
+    finally:
+        if other is not None:
+            other.dispose()
+        with owner.begin() as conn:
+            conn.exec_driver_sql(f'DROP OWNED BY "{role}"')
+            conn.exec_driver_sql(f'DROP ROLE "{role}"')
+        owner.dispose()

@@ -222,8 +222,8 @@ class Migration:
 
     def run(self) -> Result:
         started = time.monotonic()
-        schema.create_schemas(self.target, schema.target_metadata)
-        schema.create_schemas(self.state, schema.state_metadata)
+        schema.create_schemas(self.target, schema.target_metadata, log=self.log)
+        schema.create_schemas(self.state, schema.state_metadata, log=self.log)
         p = self.params
         with ExitStack() as stack:
             target = stack.enter_context(self.target.connect())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import ssl
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sqlalchemy import (
@@ -36,6 +36,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from worker import rules
@@ -212,6 +213,7 @@ ledger = Table(
     Index("ix_ledger_at", "at", postgresql_using="brin"),
     schema="migration",
 )
+INSUFFICIENT_PRIVILEGE = "42501"  # PostgreSQL's SQLSTATE for "must be owner of …"
 # Indexes of earlier releases that create_schemas drops where it finds them, by table.
 RETIRED_INDEXES: dict[str, tuple[str, ...]] = {"ledger": ("ix_ledger_record", "ix_migration_ledger_run_id")}
 
@@ -360,8 +362,9 @@ def unique_within(bind: Engine | Connection, table: Table, columns: tuple[str, .
         return bool(conn.execute(found, params).scalar())
 
 
-def create_schemas(engine: Engine, *metadatas: MetaData) -> None:
-    """Create the named schemas (PostgreSQL) and any missing table; existing ones are kept."""
+def create_schemas(engine: Engine, *metadatas: MetaData, log: Callable[[str], None] = lambda _: None) -> None:
+    """Create the named schemas (PostgreSQL) and any missing table; existing ones are kept, their indexes
+    brought to these tables' (``log`` says so where this role may not change them)."""
     with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
             # Two workers starting at once must not race on CREATE: one waits for the other.
@@ -371,12 +374,14 @@ def create_schemas(engine: Engine, *metadatas: MetaData) -> None:
         for metadata in metadatas:
             metadata.create_all(conn, checkfirst=True)
         if engine.dialect.name == "postgresql":
-            _upgrade_indexes(conn, [t for m in metadatas for t in m.tables.values()])
+            _upgrade_indexes(conn, [t for m in metadatas for t in m.tables.values()], log)
 
 
-def _upgrade_indexes(conn: Connection, tables: list[Table]) -> None:
+def _upgrade_indexes(conn: Connection, tables: list[Table], log: Callable[[str], None]) -> None:
     """An installation of an earlier release brought to these tables' indexes: the retired ones dropped,
-    missing ones built (once; one catalog query when nothing is to do). Under create_schemas' lock."""
+    missing ones built (once; one catalog query when nothing is to do). Under create_schemas' lock. A role
+    that does not own a table may not change its indexes: the runs work with those it has (the old ones
+    cost only speed), and ``log`` says which index is left as it is."""
     found = conn.execute(
         text("SELECT schemaname, tablename, indexname FROM pg_indexes WHERE schemaname = ANY(:schemas)"),
         {"schemas": sorted({t.schema or "public" for t in tables})},
@@ -384,9 +389,22 @@ def _upgrade_indexes(conn: Connection, tables: list[Table]) -> None:
     existing = {(row.schemaname, row.tablename, row.indexname) for row in found}
     for table in tables:
         where = (table.schema or "public", table.name)
-        for name in RETIRED_INDEXES.get(table.name, ()):
-            if (*where, name) in existing:
-                conn.exec_driver_sql(f'DROP INDEX "{where[0]}"."{name}"')
-        for index in sorted(table.indexes, key=lambda i: str(i.name)):
-            if (*where, str(index.name)) not in existing:
-                index.create(conn)
+        steps: list[tuple[str, Callable[[], Any]]] = [
+            (name, functools.partial(conn.exec_driver_sql, f'DROP INDEX "{where[0]}"."{name}"'))
+            for name in RETIRED_INDEXES.get(table.name, ())
+            if (*where, name) in existing
+        ]
+        steps += [
+            (str(index.name), functools.partial(index.create, conn))
+            for index in sorted(table.indexes, key=lambda i: str(i.name))
+            if (*where, str(index.name)) not in existing
+        ]
+        for name, step in steps:
+            try:
+                with conn.begin_nested():
+                    step()
+            except DBAPIError as problem:
+                if getattr(problem.orig, "sqlstate", None) != INSUFFICIENT_PRIVILEGE:
+                    raise
+                log(f"index {name} of {where[0]}.{table.name} left as an earlier release made it: this database "
+                    "role does not own the table (runs work; its owner's next run replaces it)")  # fmt: skip

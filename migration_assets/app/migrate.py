@@ -401,7 +401,7 @@ class AppMigration:
     def run(self) -> Result:
         started = time.monotonic()
         if self.state not in _SCHEMAS_READY:  # once per control DB engine and process, not per shard's run
-            schema.create_schemas(self.state, schema.state_metadata, schema.app_state_metadata)
+            schema.create_schemas(self.state, schema.state_metadata, schema.app_state_metadata, log=self.log)
             _SCHEMAS_READY.add(self.state)
         p = self.params
         # One writer per entity and shard; nothing of the run's state is touched before the lock.
