@@ -179,15 +179,21 @@ def imported(pid: int) -> bool:
         return False
 
 
+def warm_server(env: dict[str, str], cwd: Path) -> Path:
+    """A command run to start the server; its socket, once both its spares have imported."""
+    run(["health"], "{}", env, cwd)
+    (path,) = sockets(env)
+    assert wait_until(lambda: len(children_of_server(path)) == SPARES and all(map(imported, children_of_server(path))))
+    return path
+
+
 @pytest.mark.integration
 def test_a_command_that_follows_another_finds_a_spare_ready_and_no_spare_imports_meanwhile(
     resident: dict[str, str], tmp_path: Path
 ) -> None:
     """Two spares are kept ready: while a command runs, another has done its imports for the next one, and
     the spare forked in place of the one taken imports only once no command has run for QUIET_SECONDS."""
-    run(["health"], "{}", resident, tmp_path)
-    (path,) = sockets(resident)
-    assert wait_until(lambda: len(children_of_server(path)) == SPARES and all(map(imported, children_of_server(path))))
+    path = warm_server(resident, tmp_path)
     client = start(resident, tmp_path)
     try:
         stdin = os.readlink(f"/proc/{client.pid}/fd/0")
@@ -214,9 +220,7 @@ def test_a_client_that_finds_no_spare_warm_gets_one_spare_warming_not_every_cold
 ) -> None:
     """Two commands take the two warm spares; a third, while they run, finds both of their replacements cold:
     one of them imports and takes it, the other stays cold (it would take the commands' CPU)."""
-    run(["health"], "{}", resident, tmp_path)
-    (path,) = sockets(resident)
-    assert wait_until(lambda: len(children_of_server(path)) == SPARES and all(map(imported, children_of_server(path))))
+    path = warm_server(resident, tmp_path)
     clients = [start(resident, tmp_path) for _ in range(SPARES + 1)]
     try:
         stdins = [os.readlink(f"/proc/{client.pid}/fd/0") for client in clients]

@@ -64,12 +64,16 @@ def leave(code: int, last: Callable[[], None] | None = None) -> NoReturn:
 
     schema.dispose_engines()
     logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
+    _flush()
     if last is not None:  # a resident worker's spare: the exit status to its client (worker/resident.py)
         last()
     os._exit(code)
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
 
 
 def run_command(argv: Sequence[str]) -> int:
@@ -85,9 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from worker.resident import handed_over
 
         if (code := handed_over(args)) is not None:
-            for stream in (sys.stdout, sys.stderr):
-                with contextlib.suppress(Exception):
-                    stream.flush()
+            _flush()
             os._exit(code)
     prepare_process()
     leave(run_command(args))

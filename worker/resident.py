@@ -250,20 +250,15 @@ def _take(conn: socket.socket) -> tuple[list[str], dict[str, str], str, list[int
     if uid != os.getuid():
         return None
     data, fds, _flags, _address = socket.recv_fds(conn, MAX_REQUEST_BYTES, 3)
-    if len(fds) != 3 or len(data) < _HEADER.size:
+    rest = None
+    if len(fds) == 3 and len(data) >= _HEADER.size:  # the rest of a request longer than the first read
+        (size,) = _HEADER.unpack(data[: _HEADER.size])
+        rest = _read_exactly(conn, max(0, size - len(data) + _HEADER.size))
+    if rest is None:
         for fd in fds:
             os.close(fd)
         return None
-    (size,) = _HEADER.unpack(data[: _HEADER.size])
-    body = data[_HEADER.size :]
-    while len(body) < size:
-        chunk = conn.recv(min(MAX_REQUEST_BYTES, size - len(body)))
-        if not chunk:
-            for fd in fds:
-                os.close(fd)
-            return None
-        body += chunk
-    request = json.loads(body)
+    request = json.loads(data[_HEADER.size :] + rest)
     return list(request["argv"]), dict(request["env"]), str(request["cwd"]), fds
 
 

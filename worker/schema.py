@@ -39,7 +39,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from worker import rules
+from worker import rules, store
 
 
 class LegacyDateTime(TypeDecorator[Any]):
@@ -213,7 +213,6 @@ ledger = Table(
     Index("ix_ledger_at", "at", postgresql_using="brin"),
     schema="migration",
 )
-INSUFFICIENT_PRIVILEGE = "42501"  # PostgreSQL's SQLSTATE for "must be owner of …"
 # Indexes of earlier releases that create_schemas drops where it finds them, by table.
 RETIRED_INDEXES: dict[str, tuple[str, ...]] = {"ledger": ("ix_ledger_record", "ix_migration_ledger_run_id")}
 
@@ -374,24 +373,26 @@ def create_schemas(engine: Engine, *metadatas: MetaData, log: Callable[[str], No
         for metadata in metadatas:
             metadata.create_all(conn, checkfirst=True)
         if engine.dialect.name == "postgresql":
-            _upgrade_indexes(conn, [t for m in metadatas for t in m.tables.values()], log)
+            changed = [t for m in metadatas for t in m.tables.values() if t.name in RETIRED_INDEXES]
+            if changed:
+                _upgrade_indexes(conn, changed, log)
 
 
 def _upgrade_indexes(conn: Connection, tables: list[Table], log: Callable[[str], None]) -> None:
-    """An installation of an earlier release brought to these tables' indexes: the retired ones dropped,
-    missing ones built (once; one catalog query when nothing is to do). Under create_schemas' lock. A role
-    that does not own a table may not change its indexes: the runs work with those it has (the old ones
-    cost only speed), and ``log`` says which index is left as it is."""
+    """The tables whose indexes changed since an earlier release (``RETIRED_INDEXES``) brought to theirs:
+    the retired ones dropped, missing ones built (once; one catalog query when nothing is to do). Under
+    create_schemas' lock. A role that does not own a table may not change its indexes: the runs work with
+    those it has (the old ones cost only speed), and ``log`` says which index is left as it is."""
     found = conn.execute(
-        text("SELECT schemaname, tablename, indexname FROM pg_indexes WHERE schemaname = ANY(:schemas)"),
-        {"schemas": sorted({t.schema or "public" for t in tables})},
+        text("SELECT schemaname, tablename, indexname FROM pg_indexes WHERE tablename = ANY(:tables)"),
+        {"tables": sorted({t.name for t in tables})},
     )
     existing = {(row.schemaname, row.tablename, row.indexname) for row in found}
     for table in tables:
         where = (table.schema or "public", table.name)
         steps: list[tuple[str, Callable[[], Any]]] = [
             (name, functools.partial(conn.exec_driver_sql, f'DROP INDEX "{where[0]}"."{name}"'))
-            for name in RETIRED_INDEXES.get(table.name, ())
+            for name in RETIRED_INDEXES[table.name]
             if (*where, name) in existing
         ]
         steps += [
@@ -401,10 +402,10 @@ def _upgrade_indexes(conn: Connection, tables: list[Table], log: Callable[[str],
         ]
         for name, step in steps:
             try:
-                with conn.begin_nested():
+                with store.savepoint(conn):
                     step()
             except DBAPIError as problem:
-                if getattr(problem.orig, "sqlstate", None) != INSUFFICIENT_PRIVILEGE:
+                if not store.is_not_owner(problem):
                     raise
                 log(f"index {name} of {where[0]}.{table.name} left as an earlier release made it: this database "
                     "role does not own the table (runs work; its owner's next run replaces it)")  # fmt: skip

@@ -24,6 +24,7 @@ from sqlalchemy.exc import DBAPIError
 # of range, bad datetime), NOT NULL and CHECK violations. Unique violations are not among them: they
 # are the engine's own logic going wrong, and must stop the run.
 REFUSED_VALUE_STATES = ("22", "23502", "23514")
+INSUFFICIENT_PRIVILEGE = "42501"  # e.g. "must be owner of …"
 _COLUMN_IN_CONTEXT = re.compile(r"\bcolumn (\w+)")
 
 
@@ -159,6 +160,11 @@ def is_refused_value(problem: DBAPIError) -> bool:
     """Did the database refuse a *value* (rather than fail for another reason)?"""
     state = getattr(problem.orig, "sqlstate", None) or ""
     return state.startswith(REFUSED_VALUE_STATES)
+
+
+def is_not_owner(problem: DBAPIError) -> bool:
+    """Did the database refuse the statement to this role (not the owner, or no privilege)?"""
+    return getattr(problem.orig, "sqlstate", None) == INSUFFICIENT_PRIVILEGE
 
 
 def refused_column(problem: DBAPIError) -> str | None:
