@@ -28,13 +28,21 @@ from demo.app_data import MIGRATED, AppTally, generate_app
 from migration_assets.app.assets import files as files_asset
 from migration_assets.app.assets import filters as filters_asset
 from migration_assets.app.assets import users as users_asset
-from migration_assets.app.migrate import AppMigration, AppRunParameters, from_ledger, shared_pool, to_ledger
+from migration_assets.app.migrate import (
+    DEFAULT_BATCH_SIZE,
+    AppMigration,
+    AppRunParameters,
+    from_ledger,
+    shared_pool,
+    to_ledger,
+)
 from resources import app_resources
 from resources.blobstore import BlobStore
-from resources.firestore import DocumentWriter, FirestoreResource, PartialCommit, Write
+from resources.firestore import MAX_WRITES_PER_REQUEST, DocumentWriter, FirestoreResource, PartialCommit, Write
 from resources.media import LocalMediaSource, SFTPMediaSource
 from resources.ssh import SSHResource
 from worker import app_rules, django_schema, schema
+from tests.test_firestore import CommitSpy
 from worker.engine import MassDeleteRefused
 
 pytestmark = pytest.mark.integration
@@ -479,6 +487,18 @@ def test_writes_go_in_requests_within_the_byte_limit(setup: Setup) -> None:
     assert len(requests) >= 3 and all(len(r) * 900 * 1024 < 3 * 1024 * 1024 + 1024 for r in requests)
     with pytest.raises(PartialCommit):
         writer.commit([Write("sizes/1", {"ok": 1}), Write("sizes/2", {"bad": [[1]]})])
+
+
+def test_a_page_is_committed_in_the_requests_its_writer_may_send(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page holds more source rows than a Firestore request may carry writes: a run hands each page's
+    writes to the writer, which sends them in requests within its limit (2 here, 500 at most)."""
+    assert DEFAULT_BATCH_SIZE > MAX_WRITES_PER_REQUEST
+    spy = CommitSpy(monkeypatch)
+    shard = busiest_shard(setup.tally)
+    result = setup.run("users", shard, "u", writer=setup.firestore.writer(max_writes=2))
+    documents = setup.documents("users", shard)
+    assert result.counts.inserted == len(documents) > 2
+    assert max(spy.sizes) == 2 and sum(spy.sizes) == len(documents)
 
 
 def test_incremental_reads_only_files_changed_since_the_watermark(setup: Setup) -> None:
