@@ -41,8 +41,8 @@ from resources.blobstore import BlobStore
 from resources.firestore import MAX_WRITES_PER_REQUEST, DocumentWriter, FirestoreResource, PartialCommit, Write
 from resources.media import LocalMediaSource, SFTPMediaSource
 from resources.ssh import SSHResource
-from worker import app_rules, django_schema, schema
 from tests.test_firestore import CommitSpy
+from worker import app_rules, django_schema, schema
 from worker.engine import MassDeleteRefused
 
 pytestmark = pytest.mark.integration
