@@ -10,7 +10,7 @@ from itertools import pairwise
 
 import polars as pl
 import pytest
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import event, func, insert, select, text
 
 from worker import schema, source
 from worker.source import LegacyReader, changed_index, latest_update
@@ -66,21 +66,73 @@ def test_the_watermark_is_the_sistemas_own_latest_update(mariadb_url: str, index
     assert expected is None  # a sistema without rows has no watermark
 
 
+def _statements(engine: object) -> list[str]:
+    """Every statement ``engine`` sends from now on (SQLAlchemy's event), with its parameters inlined."""
+    sent: list[str] = []
+
+    def before(conn: object, cursor: object, statement: str, parameters: object, *args: object) -> None:
+        sent.append(cursor.mogrify(statement, parameters))  # type: ignore[attr-defined]  # PyMySQL's own quoting
+
+    event.listen(engine, "before_cursor_execute", before)
+    return sent
+
+
 @pytest.mark.parametrize("page", [4, 1000])
 def test_incremental_pages_hold_exactly_the_changed_rows_in_id_order(mariadb_url: str, page: int) -> None:
+    """Few rows changed: their ids are listed from the index on actualizado_en alone (of every sistema),
+    and each page reads its own rows by id along the primary key — a changed row is read once."""
     engine, rows = _patients(mariadb_url)
     since = datetime(2024, 1, 20)
-    expected = [
-        r["id"] for r in rows
-        if r["sistema"] == "HSJ" and r["id"] != 8 and r["actualizado_en"] is not None and r["actualizado_en"] >= since
-    ]  # fmt: skip
+    changed = [r for r in rows if r["id"] != 8 and r["actualizado_en"] is not None and r["actualizado_en"] >= since]
+    expected = [r["id"] for r in changed if r["sistema"] == "HSJ"]
+    sent = _statements(engine)
     reader = LegacyReader(engine, "patients", "HSJ", page)
     read = [int(i) for frame, _ in reader.pages(-1, since) for i in frame["id"]]
     assert read == expected and len(expected) > 8
-    # few rows changed: read through the index on actualizado_en, by its legacy name
-    assert reader.changed_index == LEGACY_NAME
-    plan = _plan(engine, reader, since)
-    assert LEGACY_NAME in plan
+    assert reader.changed_ids == [r["id"] for r in changed] and reader.changed_index is None
+    listing = [statement for statement in sent if statement.startswith("SELECT pacientes.id \nFROM")]
+    assert len(listing) == 1 and LEGACY_NAME in listing[0]
+    assert "Using index" in _explain(engine, listing[0])  # the index alone: no row is read to list them
+    pages = [statement for statement in sent if "pacientes.id IN (" in statement]
+    assert len(pages) == -(-len(changed) // page)
+    for statement in pages:
+        plan = _explain(engine, statement)
+        assert "'range', 'PRIMARY'" in plan, plan
+
+
+def test_a_page_of_other_sistemas_rows_alone_does_not_end_the_read(mariadb_url: str) -> None:
+    """Listed ids are of every sistema: a page of them may hold none of the sistema's rows, and the
+    sistema's changed rows after it are still read."""
+    engine, rows = _patients(mariadb_url)
+    _otro(engine)
+    late = {"id": 2_500, "sistema": "HSJ", "documento": "D2500", "actualizado_en": datetime(2024, 6, 1), "eliminado": 1}
+    with engine.begin() as conn:  # type: ignore[attr-defined]
+        conn.execute(text("UPDATE pacientes SET actualizado_en = '2024-06-01' WHERE id BETWEEN 1001 AND 1012"))
+        conn.execute(insert(schema.pacientes), [late])
+    since = datetime(2024, 1, 20)
+    expected = [r["id"] for r in [*rows, late] if r["sistema"] == "HSJ" and r["id"] != 8
+                and r["actualizado_en"] is not None and r["actualizado_en"] >= since]  # fmt: skip
+    reader = LegacyReader(engine, "patients", "HSJ", 5)
+    read = [int(i) for frame, _ in reader.pages(-1, since) for i in frame["id"]]
+    assert reader.changed_ids is not None and {1001, 2_500} <= set(reader.changed_ids)
+    assert read == expected and read[-1] == 2_500  # soft-deleted: an incremental run reads it, to delete
+
+
+def test_many_changes_elsewhere_are_counted_and_the_sistemas_few_read_through_the_index(mariadb_url: str) -> None:
+    """More changed rows of every sistema than pages of ids to list: the sistema's own are counted, and
+    few as they are, read through the index on actualizado_en."""
+    engine, rows = _patients(mariadb_url)
+    _otro(engine)
+    with engine.begin() as conn:  # type: ignore[attr-defined]
+        conn.execute(text("UPDATE pacientes SET actualizado_en = '2024-06-01' WHERE sistema = 'OTRO'"))
+    since = datetime(2024, 1, 20)
+    reader = LegacyReader(engine, "patients", "HSJ", 4)  # 1,000 OTRO rows changed > 25 pages of 4
+    read = [int(i) for frame, _ in reader.pages(-1, since) for i in frame["id"]]
+    expected = [r["id"] for r in rows if r["sistema"] == "HSJ" and r["id"] != 8
+                and r["actualizado_en"] is not None and r["actualizado_en"] >= since]  # fmt: skip
+    assert read == expected and len(expected) <= 25 * 4
+    assert reader.changed_ids is None and reader.changed_index == LEGACY_NAME
+    assert LEGACY_NAME in _plan(engine, reader, since)
 
 
 def test_many_changed_rows_are_read_in_id_order_without_the_index(mariadb_url: str) -> None:
@@ -89,7 +141,7 @@ def test_many_changed_rows_are_read_in_id_order_without_the_index(mariadb_url: s
     since = datetime(2000, 1, 1)
     read = [int(i) for frame, _ in reader.pages(-1, since) for i in frame["id"]]
     assert read == [r["id"] for r in rows if r["sistema"] == "HSJ" and r["id"] not in (7, 8)]
-    assert reader.changed_index is None
+    assert reader.changed_ids is None and reader.changed_index is None
 
 
 @pytest.mark.parametrize(
