@@ -16,7 +16,15 @@ from pathlib import Path
 import pytest
 
 from worker.launch import RESIDENT_ENV
-from worker.resident import DIR_ENV, QUIET_SECONDS, SPARES, WORKER_FILES, fingerprint, socket_path
+from worker.resident import (
+    DIR_ENV,
+    LONG_COMMAND_SECONDS,
+    QUIET_SECONDS,
+    SPARES,
+    WORKER_FILES,
+    fingerprint,
+    socket_path,
+)
 
 from .conftest import WORKER_COMMAND
 
@@ -201,7 +209,7 @@ def test_a_command_that_follows_another_finds_a_spare_ready_and_no_spare_imports
         (taken,) = holders_of(stdin, client.pid)
         others = lambda: [pid for pid in children_of_server(path) if pid != taken]  # noqa: E731
         assert wait_until(lambda: len(others()) == SPARES), "no spare forked in place of the one taken"
-        time.sleep(QUIET_SECONDS + 0.5)  # the command still runs: waiting for its secrets
+        time.sleep(QUIET_SECONDS + 0.5)  # the command still runs: waiting for its secrets (not long yet)
         assert sorted(map(imported, others())) == [False, True]  # one ready; the new one has not imported
         out, err = client.communicate("{}", timeout=30)
         ended = time.monotonic()
@@ -212,6 +220,32 @@ def test_a_command_that_follows_another_finds_a_spare_ready_and_no_spare_imports
     meanwhile = sorted(map(imported, others()))
     assert time.monotonic() - ended >= QUIET_SECONDS or meanwhile == [False, True], "imported before it was quiet"
     assert wait_until(lambda: len(others()) == SPARES and all(map(imported, others()))), "not imported once quiet"
+
+
+@pytest.mark.integration
+def test_a_long_command_has_the_spare_forked_in_its_place_import_while_it_runs(
+    resident: dict[str, str], tmp_path: Path
+) -> None:
+    """A command that has run for LONG_COMMAND_SECONDS (a full run) loses little to a spare's imports: the
+    spare forked in its place imports then, so the command after it (here while it still runs) finds two
+    spares ready. Before that, none imports (the test above holds its command for less)."""
+    assert LONG_COMMAND_SECONDS > QUIET_SECONDS + 0.5
+    path = warm_server(resident, tmp_path)
+    client = start(resident, tmp_path)
+    try:
+        stdin = os.readlink(f"/proc/{client.pid}/fd/0")
+        assert wait_until(lambda: holders_of(stdin, client.pid))
+        took = time.monotonic()
+        (taken,) = holders_of(stdin, client.pid)
+        others = lambda: [pid for pid in children_of_server(path) if pid != taken]  # noqa: E731
+        assert wait_until(lambda: len(others()) == SPARES), "no spare forked in place of the one taken"
+        ready = wait_until(lambda: all(map(imported, others())), LONG_COMMAND_SECONDS + 10)
+        assert ready and client.poll() is None, "the spare in the long command's place did not import meanwhile"
+        assert time.monotonic() - took >= LONG_COMMAND_SECONDS - 0.1, "imported before the command ran long"
+        out, err = client.communicate("{}", timeout=30)
+    finally:
+        client.kill()
+    assert (client.returncode, out) == (2, "") and "stdin JSON lacks legacy_db_url" in err
 
 
 @pytest.mark.integration
