@@ -29,7 +29,7 @@ from migration_assets.app.assets import files as files_asset
 from migration_assets.app.assets import filters as filters_asset
 from migration_assets.app.assets import users as users_asset
 from migration_assets.app.migrate import (
-    DEFAULT_BATCH_SIZE,
+    PAGE_ROWS,
     AppMigration,
     AppRunParameters,
     from_ledger,
@@ -492,7 +492,7 @@ def test_writes_go_in_requests_within_the_byte_limit(setup: Setup) -> None:
 def test_a_page_is_committed_in_the_requests_its_writer_may_send(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
     """A page holds more source rows than a Firestore request may carry writes: a run hands each page's
     writes to the writer, which sends them in requests within its limit (2 here, 500 at most)."""
-    assert DEFAULT_BATCH_SIZE > MAX_WRITES_PER_REQUEST
+    assert PAGE_ROWS["users"] > MAX_WRITES_PER_REQUEST
     spy = CommitSpy(monkeypatch)
     shard = busiest_shard(setup.tally)
     result = setup.run("users", shard, "u", writer=setup.firestore.writer(max_writes=2))

@@ -54,12 +54,22 @@ def test_good_parameters_pass_and_build_a_quoted_argv() -> None:
     assert validate(replace(GOOD, batch_size=500)).worker_argv()[-2:] == ["--batch-size", "500"]
 
 
-def test_only_the_clinical_worker_sizes_its_pages_by_memory() -> None:
-    """An app run reads its shard a batch at a time: it needs a batch size (no limit would read it whole)."""
-    from migration_assets.app.migrate import AppRunParameters, validate_app
+def test_an_app_run_without_a_batch_size_reads_pages_of_its_entitys_own_size() -> None:
+    """An app run reads its shard a page at a time, never whole: without a batch size, a page of its entity's
+    own size (files, whose blobs are copied while the page before is committed, the smallest); a batch size
+    outside 1-50,000 is refused before anything starts."""
+    from migration_assets.app.migrate import PAGE_ROWS, AppRunParameters, page_rows, validate_app
 
-    with pytest.raises(InvalidParameters, match="batch_size"):
-        validate_app(AppRunParameters(entity="users", shard="shard-00", usuario="ana", run_id="r-1", batch_size=None))  # type: ignore[arg-type]
+    def params(entity: str = "files", **kw: object) -> AppRunParameters:
+        return AppRunParameters(entity=entity, shard="shard-00", usuario="ana", run_id="r-1", **kw)  # type: ignore[arg-type]
+
+    for entity in ("users", "files", "filters"):
+        assert page_rows(validate_app(params(entity))) == PAGE_ROWS[entity]
+    assert 1 <= PAGE_ROWS["files"] < PAGE_ROWS["users"] == PAGE_ROWS["filters"] <= 50_000
+    assert page_rows(validate_app(params(batch_size=7))) == 7
+    for bad in (0, 50_001, True, "10"):
+        with pytest.raises(InvalidParameters, match="batch_size"):
+            validate_app(params(batch_size=bad))
 
 
 @pytest.mark.parametrize(

@@ -94,16 +94,17 @@ class RunParameters:
         return argv
 
 
-def common_problems(params: Any, *, sized_by_memory: bool = False) -> list[str]:
+def common_problems(params: Any, *, batch_size_optional: bool = False) -> list[str]:
     """The §8 problems of what every run has — usuario, run id, mode, batch size, the mass-delete
     settings — whatever it migrates (the clinical worker's and the app's parameters alike).
-    ``sized_by_memory``: no batch size (None) is allowed, the pages then being sized by memory."""
+    ``batch_size_optional``: no batch size (None) is allowed, the run then choosing its pages (the clinical
+    worker sizes them by memory, an app run takes its entity's own)."""
     problems = [p for p in (usuario_problem(params.usuario),) if p]
     if not matches(RUN_ID_PATTERN, params.run_id):
         problems.append(f"run_id must match ^{RUN_ID_PATTERN.pattern}$")
     if params.mode not in MODES:
         problems.append(f"mode must be one of {', '.join(MODES)}")
-    if not (sized_by_memory and params.batch_size is None) and (
+    if not (batch_size_optional and params.batch_size is None) and (
         isinstance(params.batch_size, bool)
         or not isinstance(params.batch_size, int)
         or not 1 <= params.batch_size <= 50_000
@@ -123,7 +124,7 @@ def validate(params: RunParameters) -> RunParameters:
     if params.entity not in ENTITIES:
         problems.append(f"entity must be one of {', '.join(ENTITIES)}")
     problems += [p for p in (sistema_problem(params.sistema),) if p]
-    problems += common_problems(params, sized_by_memory=True)
+    problems += common_problems(params, batch_size_optional=True)
     if (params.pract_source is None) != (params.pract_target is None):
         problems.append("pract_source and pract_target go together: give both or neither")
     for name in ("pract_source", "pract_target"):

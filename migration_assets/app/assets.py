@@ -16,7 +16,7 @@ from pydantic import Field
 
 from checks.coverage import count_app_partition
 from migration_assets import registry
-from migration_assets.app.migrate import DEFAULT_BATCH_SIZE, AppMigration, AppRunParameters, validate_app
+from migration_assets.app.migrate import AppMigration, AppRunParameters, validate_app
 from migration_assets.clinical.assets import MIGRATION_RETRY
 from migration_assets.dashboard import target_metadata
 from migration_assets.launch import refused_before_start, require_queued
@@ -37,7 +37,9 @@ class AppMigrationConfig(Config):
     allow_mass_delete: bool = Field(
         default=False, description="let a full run delete more than MAX_DELETE_SHARE of the shard"
     )
-    batch_size: int = Field(default=DEFAULT_BATCH_SIZE, description="source rows per batch")
+    batch_size: int | None = Field(
+        default=None, description="source rows per batch; unset: the entity's own (users, filters 1,000; files 500)"
+    )
 
 
 def _category(problem: BaseException) -> Category:

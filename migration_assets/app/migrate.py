@@ -61,12 +61,15 @@ ENTITIES: tuple[str, ...] = tuple(app_rules.APP_ENTITIES)  # users, files, filte
 SOURCES = django_schema.SOURCES
 BACKUP_PREFIX = "previous"  # blobs a run overwrote or deleted: previous/{run_id}/files/{user_id}/{file_id}
 TIMESTAMP = "$timestamp"  # how a Firestore timestamp is kept in the ledger's JSON
-# Source rows a page; a Firestore request still carries at most 500 writes (the writer splits a page's).
-# A page's fixed cost (its look-ups, ledger commit, Firestore commit and checkpoint) is paid per page, and
-# a shard a few rows past 500 paid it twice with pages of 500: 16 shards of ~520 filters took 1.35 s
-# against 1.53 s, of ~500 users 0.94 s against 1.35 s (medians of 6 alternating rounds; files the same);
-# shards of ~1,700 filters 4.27-4.61 s against 4.41-5.60 s (3 rounds).
-DEFAULT_BATCH_SIZE = 1000
+# Source rows a page unless a run names its batch_size; a Firestore request still carries at most 500 writes
+# (the writer splits a page's). A page's fixed cost (its look-ups, ledger commit, Firestore commit and
+# checkpoint) is paid per page, and a shard a few rows past 500 paid it twice with pages of 500: 16 shards
+# of ~520 filters took 1.35 s against 1.53 s, of ~500 users 0.94 s against 1.35 s (medians of 6 alternating
+# rounds); shards of ~1,700 filters 4.27-4.61 s against 4.41-5.60 s (3 rounds). Files keep pages of 500:
+# a page's blobs are copied while the page before is committed, and 16 shards of ~770 files took 3.48 s
+# in pages of 500 against 3.60 s in one page (medians of 8 alternating rounds).
+PAGE_ROWS: dict[str, int] = {"users": 1000, "files": 500, "filters": 1000}
+SWEEP_PAGE = 500  # documents a full run's sweep checks against the source, and deletes, at a time
 IN_FLIGHT = 2  # Firestore commit requests a run keeps going at once
 LOOKAHEAD = 2  # pages read and decided ahead of the one whose ledger and commit are under way
 READERS = 2 + LOOKAHEAD  # the shard's count, the page reader, and the pages being prepared
@@ -116,7 +119,7 @@ class AppRunParameters:
     run_id: str
     mode: Literal["full", "incremental"] = "full"
     dry_run: bool = False
-    batch_size: int = DEFAULT_BATCH_SIZE
+    batch_size: int | None = None  # source rows a page; None: the entity's own (PAGE_ROWS)
     allow_mass_delete: bool = False
     max_delete_share: float = 0.10
 
@@ -128,10 +131,15 @@ def validate_app(params: AppRunParameters) -> AppRunParameters:
         problems.append(f"entity must be one of {', '.join(ENTITIES)}")
     if problem := shard_problem(params.shard):
         problems.append(problem)
-    problems += common_problems(params)
+    problems += common_problems(params, batch_size_optional=True)
     if problems:
         raise InvalidParameters("; ".join(problems))
     return params
+
+
+def page_rows(params: AppRunParameters) -> int:
+    """Source rows a page of the run reads: its batch size, else its entity's own."""
+    return params.batch_size if params.batch_size is not None else PAGE_ROWS[params.entity]
 
 
 # --- the ledger's JSON form of a Firestore document ------------------------------------------
@@ -573,7 +581,7 @@ class AppMigration:
 
     def _page(self, after: int, since: datetime | None) -> list[dict[str, Any]]:
         """The shard's next ``batch_size`` source rows after legacy id ``after`` (changed since ``since``)."""
-        return source_page(self.django, self.params.entity, self.shard_number, after, self.params.batch_size, since)
+        return source_page(self.django, self.params.entity, self.shard_number, after, page_rows(self.params), since)
 
     def _prepared_batches(
         self, readers: ThreadPoolExecutor, counted: Future[int], after: int, since: datetime | None
@@ -594,7 +602,7 @@ class AppMigration:
                     position = int(rows[-1]["id"])
                     if not lookahead.offer(readers.submit(self._prepare, rows, counted)):
                         return
-                    if len(rows) < self.params.batch_size:  # a short page is the shard's last: no query for none
+                    if len(rows) < page_rows(self.params):  # a short page is the shard's last: no query for none
                         break
             except BaseException as problem:
                 failed: Future[Prepared] = Future()
@@ -856,7 +864,7 @@ class AppMigration:
 
         for document in self.firestore.stream_collection(self.params.entity, self.params.shard):
             page.append((document.path, document.data))
-            if len(page) >= DEFAULT_BATCH_SIZE:
+            if len(page) >= SWEEP_PAGE:
                 yield from missing(page)
                 page = []
         if page:
@@ -911,7 +919,7 @@ class AppMigration:
 
         for item in self._gone():
             batch.append(item)
-            if len(batch) >= DEFAULT_BATCH_SIZE:
+            if len(batch) >= SWEEP_PAGE:
                 flush()
                 batch = []
         if batch:
