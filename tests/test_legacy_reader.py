@@ -135,6 +135,19 @@ def test_many_changes_elsewhere_are_counted_and_the_sistemas_few_read_through_th
     assert LEGACY_NAME in _plan(engine, reader, since)
 
 
+def test_no_more_ids_than_max_listed_ids_are_listed(mariadb_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Listing is bounded in memory whatever the pages: past MAX_LISTED_IDS changed rows, they are counted."""
+    engine, rows = _patients(mariadb_url)
+    monkeypatch.setattr(source, "MAX_LISTED_IDS", 10)
+    since = datetime(2024, 1, 20)
+    reader = LegacyReader(engine, "patients", "HSJ", 1000)
+    read = [int(i) for frame, _ in reader.pages(-1, since) for i in frame["id"]]
+    expected = [r["id"] for r in rows if r["sistema"] == "HSJ" and r["id"] != 8
+                and r["actualizado_en"] is not None and r["actualizado_en"] >= since]  # fmt: skip
+    assert read == expected and len(expected) > 10
+    assert reader.changed_ids is None and reader.changed_index == LEGACY_NAME
+
+
 def test_many_changed_rows_are_read_in_id_order_without_the_index(mariadb_url: str) -> None:
     engine, rows = _patients(mariadb_url)
     reader = LegacyReader(engine, "patients", "HSJ", 2)  # 200 changed HSJ rows > 25 pages of 2

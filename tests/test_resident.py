@@ -228,24 +228,34 @@ def test_a_long_command_has_the_spare_forked_in_its_place_import_while_it_runs(
 ) -> None:
     """A command that has run for LONG_COMMAND_SECONDS (a full run) loses little to a spare's imports: the
     spare forked in its place imports then, so the command after it (here while it still runs) finds two
-    spares ready. Before that, none imports (the test above holds its command for less)."""
+    spares ready. Before that, none imports (the test above holds its command for less); nor does one while
+    a command that began since runs, short as it may be."""
     assert LONG_COMMAND_SECONDS > QUIET_SECONDS + 0.5
     path = warm_server(resident, tmp_path)
-    client = start(resident, tmp_path)
+    clients = [start(resident, tmp_path)]
     try:
-        stdin = os.readlink(f"/proc/{client.pid}/fd/0")
-        assert wait_until(lambda: holders_of(stdin, client.pid))
+        stdin = os.readlink(f"/proc/{clients[0].pid}/fd/0")
+        assert wait_until(lambda: holders_of(stdin, clients[0].pid))
         took = time.monotonic()
-        (taken,) = holders_of(stdin, client.pid)
-        others = lambda: [pid for pid in children_of_server(path) if pid != taken]  # noqa: E731
+        taken = set(holders_of(stdin, clients[0].pid))
+        others = lambda: [pid for pid in children_of_server(path) if pid not in taken]  # noqa: E731
         assert wait_until(lambda: len(others()) == SPARES), "no spare forked in place of the one taken"
         ready = wait_until(lambda: all(map(imported, others())), LONG_COMMAND_SECONDS + 10)
-        assert ready and client.poll() is None, "the spare in the long command's place did not import meanwhile"
+        assert ready and clients[0].poll() is None, "the spare in the long command's place did not import meanwhile"
         assert time.monotonic() - took >= LONG_COMMAND_SECONDS - 0.1, "imported before the command ran long"
-        out, err = client.communicate("{}", timeout=30)
+        clients.append(start(resident, tmp_path))  # a second command, while the long one still runs
+        stdin = os.readlink(f"/proc/{clients[1].pid}/fd/0")
+        assert wait_until(lambda: holders_of(stdin, clients[1].pid))
+        taken |= set(holders_of(stdin, clients[1].pid))
+        assert wait_until(lambda: len(others()) == SPARES), "no spare forked in place of the second one taken"
+        time.sleep(LONG_COMMAND_SECONDS / 2)
+        assert sorted(map(imported, others())) == [False, True], "a spare imported beside a command just begun"
+        said = [client.communicate("{}", timeout=30) for client in clients]
     finally:
-        client.kill()
-    assert (client.returncode, out) == (2, "") and "stdin JSON lacks legacy_db_url" in err
+        for client in clients:
+            client.kill()
+    assert [client.returncode for client in clients] == [2, 2]
+    assert all(out == "" and "stdin JSON lacks legacy_db_url" in err for out, err in said)
 
 
 @pytest.mark.integration

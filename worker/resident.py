@@ -445,8 +445,9 @@ def serve(path: Path, seconds: int) -> int:
         waiting[pid] = go
 
     def warm_at() -> float:
-        """When cold spares import: a while after the last command ended, or after the oldest running began."""
-        return min(busy.values()) + LONG_COMMAND_SECONDS if busy else quiet_since + QUIET_SECONDS
+        """When cold spares import: a while after the last command ended, or once every command running has
+        run long (a short one that began meanwhile is not made to share its CPU with them)."""
+        return max(busy.values()) + LONG_COMMAND_SECONDS if busy else quiet_since + QUIET_SECONDS
 
     def tell(pid: int) -> None:
         go = waiting[pid]

@@ -28,6 +28,8 @@ from worker import schema
 # Up to this many pages of changed rows, an incremental run reads them by their ids, listed from the index
 # on actualizado_en (see LegacyReader._plan_incremental).
 CHANGED_PAGES_BY_INDEX = 25
+# ... and at most this many ids (a few MB): more changed rows are counted instead.
+MAX_LISTED_IDS = 100_000
 # A sistema with at least this share of its table's rows is paged through the primary key, a smaller
 # one through the index on sistema (:func:`page_index`).
 PRIMARY_SHARE = 0.25
@@ -292,11 +294,12 @@ class LegacyReader:
         """How an incremental run reads its pages, from the legacy index on ``actualizado_en`` (without
         it, the sistema is walked in id order: counting or listing would read it whole):
 
-        - up to ``CHANGED_PAGES_BY_INDEX`` pages of changed rows, of every sistema: their ids, which the
-          index holds (nothing else is read), and each page reads its own rows by id. A changed row is
-          then read once, when its page is: the count of the sistema's changed rows that used to plan the
-          read looked every one of them up before the first page (cold rows: 0.1-0.3 s of an incremental
-          run of 5,000 patients), and the first page read them all again to sort them by id;
+        - up to ``CHANGED_PAGES_BY_INDEX`` pages (at most ``MAX_LISTED_IDS``) of changed rows, of every
+          sistema: their ids, which the index holds (nothing else is read), and each page reads its own
+          rows by id. A changed row is then read once, when its page is: the count of the sistema's
+          changed rows that used to plan the read looked every one of them up before the first page (cold
+          rows: 0.1-0.3 s of an incremental run of 5,000 patients), and the first page read them all again
+          to sort them by id;
         - more: the sistema's changed rows are counted, and read through the index when there are at
           most that many pages of them (``… AND actualizado_en >= … ORDER BY id LIMIT n``; MariaDB would
           otherwise walk the table in id order to find them), else in id order;
@@ -304,13 +307,14 @@ class LegacyReader:
         t = self.columns.table
         recent = t.c.actualizado_en >= since.replace(tzinfo=None)
         most = CHANGED_PAGES_BY_INDEX * self.page
+        listable = min(most, MAX_LISTED_IDS)
         with self.engine.connect() as conn:
             name = changed_index(conn, t)
             if name is None:
                 return
-            listed = _force_index(select(t.c.id).where(recent, t.c.id > after).limit(most + 1), t, name)
+            listed = _force_index(select(t.c.id).where(recent, t.c.id > after).limit(listable + 1), t, name)
             ids = sorted(conn.scalars(listed))
-            if len(ids) <= most:
+            if len(ids) <= listable:
                 self.changed_ids = ids
                 self.by_driver = self.by_driver or len(ids) <= DRIVER_ROWS
                 return
