@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 from datetime import datetime
 from itertools import pairwise
+from typing import Any
 
 import polars as pl
 import pytest
@@ -66,6 +67,13 @@ def test_the_watermark_is_the_sistemas_own_latest_update(mariadb_url: str, index
     assert expected is None  # a sistema without rows has no watermark
 
 
+def _changed(rows: list[dict[str, Any]], since: datetime, sistema: str | None = "HSJ") -> list[int]:
+    """The ids of ``rows`` (of ``sistema``; None: any) changed at or after ``since``, in their order (id 8's
+    zero date is before any)."""
+    return [r["id"] for r in rows if (sistema is None or r["sistema"] == sistema) and r["id"] != 8
+            and r["actualizado_en"] is not None and r["actualizado_en"] >= since]  # fmt: skip
+
+
 def _statements(engine: object) -> list[str]:
     """Every statement ``engine`` sends from now on (SQLAlchemy's event), with its parameters inlined."""
     sent: list[str] = []
@@ -83,13 +91,12 @@ def test_incremental_pages_hold_exactly_the_changed_rows_in_id_order(mariadb_url
     and each page reads its own rows by id along the primary key — a changed row is read once."""
     engine, rows = _patients(mariadb_url)
     since = datetime(2024, 1, 20)
-    changed = [r for r in rows if r["id"] != 8 and r["actualizado_en"] is not None and r["actualizado_en"] >= since]
-    expected = [r["id"] for r in changed if r["sistema"] == "HSJ"]
+    changed, expected = _changed(rows, since, None), _changed(rows, since)
     sent = _statements(engine)
     reader = LegacyReader(engine, "patients", "HSJ", page)
     read = [int(i) for frame, _ in reader.pages(-1, since) for i in frame["id"]]
     assert read == expected and len(expected) > 8
-    assert reader.changed_ids == [r["id"] for r in changed] and reader.changed_index is None
+    assert reader.changed_ids == changed and reader.changed_index is None
     listing = [statement for statement in sent if statement.startswith("SELECT pacientes.id \nFROM")]
     assert len(listing) == 1 and LEGACY_NAME in listing[0]
     assert "Using index" in _explain(engine, listing[0])  # the index alone: no row is read to list them
@@ -110,8 +117,7 @@ def test_a_page_of_other_sistemas_rows_alone_does_not_end_the_read(mariadb_url: 
         conn.execute(text("UPDATE pacientes SET actualizado_en = '2024-06-01' WHERE id BETWEEN 1001 AND 1012"))
         conn.execute(insert(schema.pacientes), [late])
     since = datetime(2024, 1, 20)
-    expected = [r["id"] for r in [*rows, late] if r["sistema"] == "HSJ" and r["id"] != 8
-                and r["actualizado_en"] is not None and r["actualizado_en"] >= since]  # fmt: skip
+    expected = _changed([*rows, late], since)
     reader = LegacyReader(engine, "patients", "HSJ", 5)
     read = [int(i) for frame, _ in reader.pages(-1, since) for i in frame["id"]]
     assert reader.changed_ids is not None and {1001, 2_500} <= set(reader.changed_ids)
@@ -128,8 +134,7 @@ def test_many_changes_elsewhere_are_counted_and_the_sistemas_few_read_through_th
     since = datetime(2024, 1, 20)
     reader = LegacyReader(engine, "patients", "HSJ", 4)  # 1,000 OTRO rows changed > 25 pages of 4
     read = [int(i) for frame, _ in reader.pages(-1, since) for i in frame["id"]]
-    expected = [r["id"] for r in rows if r["sistema"] == "HSJ" and r["id"] != 8
-                and r["actualizado_en"] is not None and r["actualizado_en"] >= since]  # fmt: skip
+    expected = _changed(rows, since)
     assert read == expected and len(expected) <= 25 * 4
     assert reader.changed_ids is None and reader.changed_index == LEGACY_NAME
     assert LEGACY_NAME in _plan(engine, reader, since)
@@ -142,8 +147,7 @@ def test_no_more_ids_than_max_listed_ids_are_listed(mariadb_url: str, monkeypatc
     since = datetime(2024, 1, 20)
     reader = LegacyReader(engine, "patients", "HSJ", 1000)
     read = [int(i) for frame, _ in reader.pages(-1, since) for i in frame["id"]]
-    expected = [r["id"] for r in rows if r["sistema"] == "HSJ" and r["id"] != 8
-                and r["actualizado_en"] is not None and r["actualizado_en"] >= since]  # fmt: skip
+    expected = _changed(rows, since)
     assert read == expected and len(expected) > 10
     assert reader.changed_ids is None and reader.changed_index == LEGACY_NAME
 

@@ -91,6 +91,14 @@ def wait_until(condition: object, seconds: float = 15.0) -> bool:
     return False
 
 
+def spare_of(client: subprocess.Popen[str]) -> int:
+    """The process running ``client``'s command: the one other than the client that holds its stdin."""
+    stdin = os.readlink(f"/proc/{client.pid}/fd/0")
+    assert wait_until(lambda: holders_of(stdin, client.pid)), "no spare took the command"
+    (spare,) = holders_of(stdin, client.pid)
+    return spare
+
+
 @pytest.mark.integration
 def test_commands_in_a_spare_say_and_end_exactly_as_in_their_own_process(
     resident: dict[str, str], tmp_path: Path
@@ -117,9 +125,7 @@ def test_the_spare_runs_on_the_clients_own_descriptors_and_folder_while_the_clie
     run(["health"], "{}", resident, tmp_path)  # the server up, a spare warm
     client = start(resident, tmp_path)
     try:
-        stdin = os.readlink(f"/proc/{client.pid}/fd/0")
-        assert wait_until(lambda: holders_of(stdin, client.pid)), "no other process took the client's stdin"
-        (spare,) = holders_of(stdin, client.pid)
+        spare = spare_of(client)
         assert os.readlink(f"/proc/{spare}/cwd") == str(tmp_path)
         assert "polars" in Path(f"/proc/{spare}/maps").read_text()
         assert "polars" not in Path(f"/proc/{client.pid}/maps").read_text()
@@ -155,10 +161,7 @@ def test_commands_at_once_each_get_a_spare_of_their_own(resident: dict[str, str]
     run(["health"], "{}", resident, tmp_path)
     clients = [start(resident, tmp_path) for _ in range(3)]
     try:
-        stdins = [os.readlink(f"/proc/{client.pid}/fd/0") for client in clients]
-        assert wait_until(lambda: all(holders_of(stdin, c.pid) for stdin, c in zip(stdins, clients, strict=True)))
-        spares = {holders_of(stdin, c.pid)[0] for stdin, c in zip(stdins, clients, strict=True)}
-        assert len(spares) == 3
+        assert len({spare_of(client) for client in clients}) == 3
         said = [client.communicate("{}", timeout=30) for client in clients]
     finally:
         for client in clients:
@@ -204,9 +207,7 @@ def test_a_command_that_follows_another_finds_a_spare_ready_and_no_spare_imports
     path = warm_server(resident, tmp_path)
     client = start(resident, tmp_path)
     try:
-        stdin = os.readlink(f"/proc/{client.pid}/fd/0")
-        assert wait_until(lambda: holders_of(stdin, client.pid))
-        (taken,) = holders_of(stdin, client.pid)
+        taken = spare_of(client)
         others = lambda: [pid for pid in children_of_server(path) if pid != taken]  # noqa: E731
         assert wait_until(lambda: len(others()) == SPARES), "no spare forked in place of the one taken"
         time.sleep(QUIET_SECONDS + 0.5)  # the command still runs: waiting for its secrets (not long yet)
@@ -234,19 +235,15 @@ def test_a_long_command_has_the_spare_forked_in_its_place_import_while_it_runs(
     path = warm_server(resident, tmp_path)
     clients = [start(resident, tmp_path)]
     try:
-        stdin = os.readlink(f"/proc/{clients[0].pid}/fd/0")
-        assert wait_until(lambda: holders_of(stdin, clients[0].pid))
+        taken = {spare_of(clients[0])}
         took = time.monotonic()
-        taken = set(holders_of(stdin, clients[0].pid))
         others = lambda: [pid for pid in children_of_server(path) if pid not in taken]  # noqa: E731
         assert wait_until(lambda: len(others()) == SPARES), "no spare forked in place of the one taken"
         ready = wait_until(lambda: all(map(imported, others())), LONG_COMMAND_SECONDS + 10)
         assert ready and clients[0].poll() is None, "the spare in the long command's place did not import meanwhile"
         assert time.monotonic() - took >= LONG_COMMAND_SECONDS - 0.1, "imported before the command ran long"
         clients.append(start(resident, tmp_path))  # a second command, while the long one still runs
-        stdin = os.readlink(f"/proc/{clients[1].pid}/fd/0")
-        assert wait_until(lambda: holders_of(stdin, clients[1].pid))
-        taken |= set(holders_of(stdin, clients[1].pid))
+        taken.add(spare_of(clients[1]))
         assert wait_until(lambda: len(others()) == SPARES), "no spare forked in place of the second one taken"
         time.sleep(LONG_COMMAND_SECONDS / 2)
         assert sorted(map(imported, others())) == [False, True], "a spare imported beside a command just begun"
@@ -267,9 +264,7 @@ def test_a_client_that_finds_no_spare_warm_gets_one_spare_warming_not_every_cold
     path = warm_server(resident, tmp_path)
     clients = [start(resident, tmp_path) for _ in range(SPARES + 1)]
     try:
-        stdins = [os.readlink(f"/proc/{client.pid}/fd/0") for client in clients]
-        assert wait_until(lambda: all(holders_of(stdin, c.pid) for stdin, c in zip(stdins, clients, strict=True)))
-        taken = {holders_of(stdin, c.pid)[0] for stdin, c in zip(stdins, clients, strict=True)}
+        taken = {spare_of(client) for client in clients}
         others = lambda: [pid for pid in children_of_server(path) if pid not in taken]  # noqa: E731
         assert wait_until(lambda: len(others()) == SPARES), "no spares forked in place of those taken"
         time.sleep(1.0)  # the commands still run: waiting for their secrets
@@ -290,9 +285,7 @@ def test_a_command_ends_with_its_client(resident: dict[str, str], tmp_path: Path
     run(["health"], "{}", resident, tmp_path)
     client = start(resident, tmp_path)
     try:
-        stdin = os.readlink(f"/proc/{client.pid}/fd/0")
-        assert wait_until(lambda: holders_of(stdin, client.pid))
-        (spare,) = holders_of(stdin, client.pid)  # waiting for its secrets, as a run does before it starts
+        spare = spare_of(client)  # waiting for its secrets, as a run does before it starts
         client.send_signal(signum)
         client.wait(timeout=30)
         assert wait_until(lambda: not alive(spare)), "the command outlived its client"

@@ -213,20 +213,20 @@ def test_mariadb_tls_options_still_reach_pymysql(mariadb_url: str, tmp_path: Pat
         engine.dispose()
 
 
+def ledger_indexes(engine: object) -> dict[str, str]:
+    """The ledger's indexes on PostgreSQL, by name: their definitions."""
+    with engine.connect() as conn:  # type: ignore[attr-defined]
+        found = conn.execute(
+            text("SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'migration' AND tablename = 'ledger'")
+        )
+        return {row.indexname: row.indexdef for row in found}
+
+
 def test_an_earlier_releases_ledger_gets_the_ledgers_indexes_and_keeps_its_rows(postgres_url: str) -> None:
     """The ledger carries only the indexes its readers need (one per run and legacy id, a BRIN on time):
     each is written once per ledger row. create_schemas brings the ledger of an earlier release (an index
     on the run, another on the record) to them, rows kept; a second call changes nothing."""
     engine = schema.make_engine(postgres_url)
-
-    def ledger_indexes() -> dict[str, str]:
-        with engine.connect() as conn:
-            found = conn.execute(
-                text("SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'migration' AND tablename = :t"),
-                {"t": "ledger"},
-            )
-            return {row.indexname: row.indexdef for row in found}
-
     try:
         schema.create_schemas(engine, schema.state_metadata)
         with engine.begin() as conn:
@@ -239,7 +239,7 @@ def test_an_earlier_releases_ledger_gets_the_ledgers_indexes_and_keeps_its_rows(
             conn.execute(insert(schema.ledger), rows)
         for _ in range(2):
             schema.create_schemas(engine, schema.state_metadata)
-            indexes = ledger_indexes()
+            indexes = ledger_indexes(engine)
             assert set(indexes) == {"ledger_pkey", "ix_ledger_run", "ix_ledger_at"}
             assert indexes["ix_ledger_run"].endswith("USING btree (run_id, legacy_id)")
             assert indexes["ix_ledger_at"].endswith("USING brin (at)")
@@ -270,13 +270,9 @@ def test_a_role_that_does_not_own_the_ledger_keeps_its_earlier_indexes_and_says_
         schema.create_schemas(other, schema.state_metadata, log=said.append)
         assert len(said) == 2 and "ix_migration_ledger_run_id" in said[0] and "ix_ledger_run" in said[1], said
         assert all("migration.ledger" in line and "does not own" in line for line in said)
-        with owner.connect() as conn:
-            names = set(conn.scalars(text("SELECT indexname FROM pg_indexes WHERE tablename = 'ledger'")))
-        assert names == {"ledger_pkey", "ix_migration_ledger_run_id", "ix_ledger_at"}
+        assert set(ledger_indexes(owner)) == {"ledger_pkey", "ix_migration_ledger_run_id", "ix_ledger_at"}
         schema.create_schemas(owner, schema.state_metadata, log=said.append)
-        with owner.connect() as conn:
-            names = set(conn.scalars(text("SELECT indexname FROM pg_indexes WHERE tablename = 'ledger'")))
-        assert names == {"ledger_pkey", "ix_ledger_run", "ix_ledger_at"} and len(said) == 2
+        assert set(ledger_indexes(owner)) == {"ledger_pkey", "ix_ledger_run", "ix_ledger_at"} and len(said) == 2
     finally:
         if other is not None:
             other.dispose()

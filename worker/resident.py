@@ -455,18 +455,16 @@ def serve(path: Path, seconds: int) -> int:
             _tell(go)
             waiting[pid] = None
 
-    for _ in range(SPARES):  # None: told
+    for _ in range(SPARES):
         fork_spare()
     quiet_since = time.monotonic() - QUIET_SECONDS  # no command has run yet: the first spares warm up now
     deadline = time.monotonic() + seconds
     broken = False
     try:
         while (now := time.monotonic()) < deadline:
-            timeout = min(1.0, max(0.0, deadline - now))
-            if any(go is not None for go in waiting.values()):
-                timeout = min(timeout, max(0.0, warm_at() - now))
-            # Clients are watched for while every spare waiting is cold: one of them warms up for a client.
             cold = [pid for pid, go in waiting.items() if go is not None]
+            timeout = min(1.0, max(0.0, deadline - now), max(0.0, warm_at() - now) if cold else 1.0)
+            # Clients are watched for while every spare waiting is cold: one of them warms up for a client.
             clients = [listener] if cold and len(cold) == len(waiting) else []
             # A spare's SIGCHLD does not end the wait (PEP 475): its handler writes to ``wake_read``.
             readable, _, _ = select.select([read_end, wake_read, *clients], [], [], timeout)

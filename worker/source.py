@@ -281,14 +281,17 @@ class LegacyReader:
         picked = [cast(t.c[n], String).label(n) if n in self.columns.datetimes else t.c[n] for n in self.columns.names]
         return select(*picked).where(t.c.sistema == self.sistema)
 
+    def _changed_since(self, since: datetime) -> Any:
+        """The legacy rows changed at or after ``since`` (the watermark; MariaDB's DATETIME has no zone)."""
+        return self.columns.table.c.actualizado_en >= since.replace(tzinfo=None)
+
     def _query(self, after: int, since: datetime | None) -> Any:
         t = self.columns.table
         query = self._picked().where(t.c.id > after).order_by(t.c.id).limit(self.page)
         if since is None:
             query = query.where(t.c.eliminado == 0)
             return self._along(query, self.page_index)
-        query = query.where(t.c.actualizado_en >= since.replace(tzinfo=None))
-        return self._along(query, self.changed_index or self.page_index)
+        return self._along(query.where(self._changed_since(since)), self.changed_index or self.page_index)
 
     def _plan_incremental(self, since: datetime, after: int) -> None:
         """How an incremental run reads its pages, from the legacy index on ``actualizado_en`` (without
@@ -305,7 +308,7 @@ class LegacyReader:
           otherwise walk the table in id order to find them), else in id order;
         - either way through the driver when at most ``DRIVER_ROWS`` changed."""
         t = self.columns.table
-        recent = t.c.actualizado_en >= since.replace(tzinfo=None)
+        recent = self._changed_since(since)
         most = CHANGED_PAGES_BY_INDEX * self.page
         listable = min(most, MAX_LISTED_IDS)
         with self.engine.connect() as conn:
@@ -315,12 +318,11 @@ class LegacyReader:
             listed = _force_index(select(t.c.id).where(recent, t.c.id > after).limit(listable + 1), t, name)
             ids = sorted(conn.scalars(listed))
             if len(ids) <= listable:
-                self.changed_ids = ids
-                self.by_driver = self.by_driver or len(ids) <= DRIVER_ROWS
-                return
-            changed = conn.scalar(select(func.count()).where(t.c.sistema == self.sistema, recent)) or 0
-        if changed <= most:
-            self.changed_index = str(name)
+                self.changed_ids, changed = ids, len(ids)  # of every sistema: at least the sistema's
+            else:
+                changed = conn.scalar(select(func.count()).where(t.c.sistema == self.sistema, recent)) or 0
+                if changed <= most:
+                    self.changed_index = str(name)
         if changed <= DRIVER_ROWS:
             self.by_driver = True
 
@@ -350,18 +352,17 @@ class LegacyReader:
         assert since is not None
         start = bisect.bisect_right(self.changed_ids, after)
         ids = self.changed_ids[start : start + self.page]
-        if not ids:
-            return self._read(None), after, False
+        if not ids:  # nothing changed
+            return pl.DataFrame(), after, False
         t = self.columns.table
-        query = self._picked().where(t.c.actualizado_en >= since.replace(tzinfo=None), t.c.id.in_(ids))
-        frame = self._read(_force_index(query.order_by(t.c.id), t, "PRIMARY"))
+        query = self._picked().where(self._changed_since(since), t.c.id.in_(ids)).order_by(t.c.id)
+        frame = self._read(_force_index(query, t, "PRIMARY"))
         return frame, ids[-1], start + len(ids) < len(self.changed_ids)
 
     def _read(self, query: Any) -> pl.DataFrame:
-        """A page's rows as a frame of the entity's columns (none: ``query`` None), datetimes parsed."""
+        """A page's rows as a frame of the entity's columns, datetimes parsed."""
         types = {n: (pl.String if n in self.columns.datetimes else kind) for n, kind in self.columns.schema().items()}
-        frame = pl.DataFrame(schema=types) if query is None else self.frame(query, types)
-        return legacy_datetimes(frame, self.columns.datetimes)
+        return legacy_datetimes(self.frame(query, types), self.columns.datetimes)
 
     def pages(
         self,
