@@ -54,7 +54,7 @@ from bench import peers
 from demo.databases import MARIADB_ADMIN, POSTGRES_ADMIN, throwaway_database
 from demo.legacy_data import generate
 from demo.sshd import running_sshd
-from resources.processes import Stream
+from resources.processes import ChannelProcess, Stream
 from resources.ssh import SSHResource
 from worker import schema
 from worker.launch import RESIDENT_ENV
@@ -160,7 +160,7 @@ class Worker:
         secrets = json.dumps(urls).encode()
         with timed_step(urls["target_db_url"]) as cpu:
             started = time.monotonic()  # from the SSH connection on, to its close
-            _, lines, status = self._over_ssh(argv, secrets, 7200)
+            _, lines, status, way = self._over_ssh(argv, secrets, 7200)
             wall = time.monotonic() - started
         out = [line for stream, line in lines if stream == "stdout"]
         errors = [line for stream, line in lines if stream == "stderr"]
@@ -171,7 +171,7 @@ class Worker:
         r = run.result
         say(
             f"{label:<22} {entity:<11} {r['rows_read']:>9} {r['duration_s']:>8.1f} {r['rows_per_s']:>8.0f} "
-            f"{r['worker_peak_rss_mb']:>12.1f}   wall {wall:6.1f} s = {run.rows_per_s:>7.0f} rows/s  "
+            f"{r['worker_peak_rss_mb']:>12.1f}   wall {wall:6.1f} s = {run.rows_per_s:>7.0f} rows/s {way:<7} "
             f"ins {r['inserted']} upd {r['updated']} unch {r['unchanged']} del {r['deleted']} q {r['quarantined']}"
         )
         return run
@@ -183,23 +183,26 @@ class Worker:
         connects, commands = [], []
         for _ in range(rounds):
             started = time.monotonic()
-            connect, _, status = self._over_ssh(["true"], b"", 60)
+            connect, _, status, _ = self._over_ssh(["true"], b"", 60)
             if status != 0:
                 raise RuntimeError("`true` over SSH failed")
             connects.append(connect)
             commands.append(time.monotonic() - started - connect)
         return statistics.median(connects), statistics.median(commands)
 
-    def _over_ssh(self, argv: list[str], stdin: bytes, timeout: float) -> tuple[float, list[tuple[Stream, str]], int]:
+    def _over_ssh(
+        self, argv: list[str], stdin: bytes, timeout: float
+    ) -> tuple[float, list[tuple[Stream, str]], int, str]:
         """Connect, run ``argv`` with ``stdin``, read its output lines to the end and close: the seconds the
-        connection took, the (stream, line) pairs and the exit status."""
+        connection took, the (stream, line) pairs, the exit status and the way it went (through the login
+        shell, or a resident worker's channel: resources/resident.py)."""
         started = time.monotonic()
         with self.ssh.connect() as client:
             connected = time.monotonic()
             process = self.ssh.start(client, argv, stdin)
             lines = list(process.lines(time.monotonic() + timeout))
             status = process.wait()
-        return connected - started, lines, status
+        return connected - started, lines, status, "channel" if isinstance(process, ChannelProcess) else "shell"
 
 
 # --- the data --------------------------------------------------------------------------------
@@ -542,7 +545,9 @@ def main() -> None:
                     resident = ["env", f"{RESIDENT_ENV}={args.resident}", f"{RESIDENT_DIR_ENV}={home}/resident"]
                     report.notes.append(
                         f"every worker command ran through a resident worker ({RESIDENT_ENV}={args.resident}): the "
-                        "first one (the first full run of patients) started it and waited for its imports"
+                        "first one (the first full run of patients) started it and waited for its imports, through "
+                        "the login shell; the others reached it through its SSH channel, with no shell (each run's "
+                        "line above says which way it went)"
                     )
                 worker = Worker(SSHResource(**server.resource_kwargs()), args.batch_size, resident)
                 alone = Worker(SSHResource(**server.resource_kwargs()), args.batch_size)
@@ -550,7 +555,8 @@ def main() -> None:
                 say(f"SSH round trip: connect {connect:.3f} s, `true` {command:.3f} s (median of 5)")
                 report.notes.append(
                     f"every worker wall time includes SSH: connecting took {connect:.2f} s and running `true` "
-                    f"{command:.2f} s here (median of 5; sshd runs a command through the user's login shell)"
+                    f"{command:.2f} s here (median of 5; sshd runs a command through the user's login shell; a "
+                    "resident worker's channel skips it)"
                 )
                 say(f"{'run':<22} {'entity':<11} {'rows':>9} {'seconds':>8} {'rows/s':>8} {'peak RSS MB':>12}")
                 urls = {"legacy_db_url": legacy_url, "target_db_url": target_url}

@@ -55,8 +55,9 @@ def _keygen(path: Path) -> None:
 
 
 @contextmanager
-def running_sshd(home: Path) -> Iterator[SSHServer]:
-    """Start sshd for the current user in ``home``; stop it on exit."""
+def running_sshd(home: Path, channels: bool = True) -> Iterator[SSHServer]:
+    """Start sshd for the current user in ``home``; stop it on exit. ``channels``: channels to loopback ports
+    of the host are allowed (a resident worker's, worker/resident.py), and no other forwarding is."""
     host_key, client_key, other_key = home / "host_key", home / "client_key", home / "other_key"
     for key in (host_key, client_key, other_key):
         _keygen(key)
@@ -77,7 +78,8 @@ def running_sshd(home: Path) -> Iterator[SSHServer]:
         "PermitRootLogin": "prohibit-password",
         "StrictModes": "no",
         "UsePAM": "no",
-        "AllowTcpForwarding": "no",
+        "AllowTcpForwarding": "local" if channels else "no",
+        "PermitOpen": "127.0.0.1:*" if channels else "none",
         "X11Forwarding": "no",
         "PrintMotd": "no",
         "MaxStartups": 50,

@@ -12,16 +12,18 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from resources.errors import Category, MigrationError
+from worker.resident import CHANNEL_MARKER, FRAME, STATUS, STATUS_FRAME, STDERR_FRAME, STDOUT_FRAME
 
 if TYPE_CHECKING:
     import paramiko
 
 Stream = Literal["stdout", "stderr"]
 PID_MARKER = "@@worker-pid "
+NO_EXIT_STATUS = -1  # paramiko: the channel closed without an exit status
 
 
 class Process(Protocol):
@@ -60,49 +62,13 @@ def _timed_out() -> MigrationError:
     return MigrationError(Category.TIMEOUT_ERROR, "the worker did not finish in time and was stopped")
 
 
-class SSHProcess:
-    """A command on an SSH channel, wrapped so that it reports its PID before it starts."""
+class _OverSSH:
+    """A process on the host behind an SSH channel: stopped with ``kill`` over the same connection."""
 
-    def __init__(self, client: paramiko.SSHClient, command: str, stdin: bytes) -> None:
+    def __init__(self, client: paramiko.SSHClient, channel: paramiko.Channel, pid: int | None) -> None:
         self.client = client
-        self.channel = client.get_transport().open_session()  # type: ignore[union-attr]
-        self.channel.exec_command(command)
-        try:
-            self.channel.sendall(stdin)
-            self.channel.shutdown_write()
-        except OSError:
-            pass  # it exited before reading its input: its output and exit status say why
-        self.pid: int | None = None
-
-    def lines(self, deadline: float) -> Iterator[tuple[Stream, str]]:
-        out, err = _LineSplitter(), _LineSplitter()
-        chan = self.channel
-        while True:
-            progressed = False
-            while chan.recv_ready():
-                progressed = True
-                for line in out.feed(chan.recv(65536)):
-                    if self.pid is None and line.startswith(PID_MARKER):
-                        self.pid = int(line[len(PID_MARKER) :])
-                    else:
-                        yield "stdout", line
-            while chan.recv_stderr_ready():
-                progressed = True
-                for line in err.feed(chan.recv_stderr(65536)):
-                    yield "stderr", line
-            if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
-                break
-            if time.monotonic() > deadline:
-                raise _timed_out()
-            if not progressed:
-                time.sleep(0.02)
-        for line in out.rest():
-            yield "stdout", line
-        for line in err.rest():
-            yield "stderr", line
-
-    def wait(self) -> int:
-        return self.channel.recv_exit_status()
+        self.channel = channel
+        self.pid = pid
 
     def connection_lost(self) -> bool:
         transport = self.client.get_transport()
@@ -125,6 +91,119 @@ class SSHProcess:
         else:
             self._remote(f"kill -KILL {self.pid} 2>/dev/null")
         self.channel.close()
+
+
+class SSHProcess(_OverSSH):
+    """A command on an SSH channel, wrapped so that it reports its PID before it starts. ``on_offer``: told
+    the resident worker's channel (worker/resident.py) when the command's stderr says it; that line is not
+    part of the output."""
+
+    def __init__(
+        self,
+        client: paramiko.SSHClient,
+        command: str,
+        stdin: bytes,
+        on_offer: Callable[[str], None] = lambda _line: None,
+    ) -> None:
+        super().__init__(client, client.get_transport().open_session(), None)  # type: ignore[union-attr]
+        self.on_offer = on_offer
+        self.channel.exec_command(command)
+        try:
+            self.channel.sendall(stdin)
+            self.channel.shutdown_write()
+        except OSError:
+            pass  # it exited before reading its input: its output and exit status say why
+
+    def lines(self, deadline: float) -> Iterator[tuple[Stream, str]]:
+        out, err = _LineSplitter(), _LineSplitter()
+        chan = self.channel
+        while True:
+            progressed = False
+            while chan.recv_ready():
+                progressed = True
+                for line in out.feed(chan.recv(65536)):
+                    if self.pid is None and line.startswith(PID_MARKER):
+                        self.pid = int(line[len(PID_MARKER) :])
+                    else:
+                        yield "stdout", line
+            while chan.recv_stderr_ready():
+                progressed = True
+                for line in err.feed(chan.recv_stderr(65536)):
+                    if line.startswith(CHANNEL_MARKER):
+                        self.on_offer(line[len(CHANNEL_MARKER) :])
+                    else:
+                        yield "stderr", line
+            if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+                break
+            if time.monotonic() > deadline:
+                raise _timed_out()
+            if not progressed:
+                time.sleep(0.02)
+        for line in out.rest():
+            yield "stdout", line
+        for line in err.rest():
+            yield "stderr", line
+
+    def wait(self) -> int:
+        return self.channel.recv_exit_status()
+
+
+class ChannelProcess(_OverSSH):
+    """A command a resident worker's spare runs for a channel (worker/resident.py): its output and exit
+    status come in frames. It ended without a status: killed (the spare's client would say SIGKILL), or the
+    connection was lost (then no status, as over a session)."""
+
+    def __init__(self, client: paramiko.SSHClient, channel: paramiko.Channel, pid: int) -> None:
+        super().__init__(client, channel, pid)
+        self.buffer = b""
+        self.status: int | None = None
+        self.ended = False
+
+    def _read(self, size: int, deadline: float) -> bytes | None:
+        while len(self.buffer) < size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _timed_out()
+            self.channel.settimeout(min(remaining, 1.0))
+            try:
+                chunk = self.channel.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                chunk = b""
+            if not chunk:
+                return None
+            self.buffer += chunk
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
+    def lines(self, deadline: float) -> Iterator[tuple[Stream, str]]:
+        splitters: dict[bytes, tuple[Stream, _LineSplitter]] = {
+            STDOUT_FRAME: ("stdout", _LineSplitter()),
+            STDERR_FRAME: ("stderr", _LineSplitter()),
+        }
+        while not self.ended:
+            header = self._read(FRAME.size, deadline)
+            kind, size = FRAME.unpack(header) if header is not None else (b"", 0)
+            data = self._read(size, deadline) if header is not None else None
+            if data is None or kind == STATUS_FRAME:
+                self.ended = True
+                self.status = STATUS.unpack(data)[0] if data is not None and len(data) == STATUS.size else None
+            elif kind in splitters:
+                stream, splitter = splitters[kind]
+                for line in splitter.feed(data):
+                    yield stream, line
+        for stream, splitter in splitters.values():
+            for line in splitter.rest():
+                yield stream, line
+
+    def wait(self) -> int:
+        for _ in self.lines(float("inf")):
+            pass
+        self.channel.close()
+        if self.status is not None:
+            return self.status
+        return NO_EXIT_STATUS if self.connection_lost() else 128 + signal.SIGKILL
 
 
 class LocalProcess:

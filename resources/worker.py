@@ -36,7 +36,7 @@ from dagster_pipes import PIPES_PROTOCOL_VERSION_FIELD, PipesExtras, PipesParams
 from pydantic import Field
 
 from resources.errors import Category, MigrationError
-from resources.processes import LocalProcess, Process, Stream
+from resources.processes import NO_EXIT_STATUS, LocalProcess, Process, Stream
 from resources.ssh import SSHResource
 from worker.launch import RESIDENT_ENV
 from worker.redact import redact
@@ -50,7 +50,6 @@ EXIT_CATEGORIES = {
     127: Category.COMMAND_NOT_FOUND,
 }
 CATEGORY_LINE = re.compile(rf"({'|'.join(c.value for c in Category)}): ")
-NO_EXIT_STATUS = -1  # paramiko: the channel closed without an exit status
 
 
 def raise_for_exit(code: int, stderr: Sequence[str], *, connection_lost: bool = False) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow  # noqa: F401
 import pytest
 
+import checks  # noqa: F401  first: gRPC's fork() handlers off before anything imports gRPC (checks/__init__.py)
 from demo import databases
 from demo.databases import throwaway_database
 from demo.sshd import SSHServer, running_sshd, sshd_available

@@ -263,10 +263,12 @@ def test_practitioner_mapping_is_applied(clinical: Clinical) -> None:
 
 
 def test_a_resident_worker_over_ssh_migrates_as_a_worker_of_its_own_does(
-    sshd: SSHServer, mariadb_url: str, postgres_url: str, tmp_path: Path
+    sshd: SSHServer, mariadb_url: str, postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``resident_seconds`` (WORKER_RESIDENT_SECONDS): every command after the first runs in a spare the
-    legacy host kept ready (worker/resident.py), through the same SSH wrapper, with the same results."""
+    legacy host kept ready (worker/resident.py), reached through its SSH channel once the first command
+    offered it (resources/resident.py), with the same results."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     folder = tmp_path / "resident"
     ssh = SSHResource(**sshd.resource_kwargs())
     worker = WorkerResource(
@@ -278,6 +280,7 @@ def test_a_resident_worker_over_ssh_migrates_as_a_worker_of_its_own_does(
         first = clinical.materialize("HSJ")
         assert first.success
         assert list(folder.glob("*.sock")), "no resident worker was started"
+        assert list((tmp_path / "cache" / "clinic-migrate").glob("channel-*.json")), "no channel was offered"
         again = clinical.materialize("HSJ")
         assert again.success
     finally:

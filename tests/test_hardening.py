@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -390,3 +391,69 @@ def test_a_batch_decided_on_documents_the_batch_before_gave_up_is_decided_again(
     assert (_fate(target, FIRST), _fate(target, SECOND)) == (rules.INVALID_VALUE, "migrated")
     assert result.counts.inserted == scalar(target, "SELECT count(*) FROM clinical.patients")
     assert scalar(target, "SELECT count(*) - count(DISTINCT legacy_id) FROM migration.ledger") == 0
+
+
+# --- patients, incremental: the batch before rewrites rows that hold documents now ----------------------
+
+RELEASER, CLAIMANT = 150, 250  # in the incremental run's second and third page of 100 changed patients
+
+
+def _all_changed(mariadb_url: str, postgres_url: str) -> tuple[Engine, Engine, RunParameters]:
+    """600 patients migrated, then every one of them changed (so an incremental run reads pages of 100, as a
+    full run would): the legacy DB, the target and the incremental run's parameters."""
+    legacy, target = schema.make_engine(mariadb_url), schema.make_engine(postgres_url)
+    generate(legacy, patients_per_sistema=600, encounters_per_patient=0, sistemas=("HSJ",))
+    schema.create_schemas(target, schema.target_metadata)
+    full = RunParameters(entity="patients", sistema="HSJ", usuario="ana", run_id="full", batch_size=100)
+    Migration(validate(full), legacy, target).run()
+    p = schema.pacientes
+    with legacy.begin() as conn:
+        later = conn.scalar(select(func.max(p.c.actualizado_en))) + timedelta(days=1)
+        conn.execute(update(p).values(actualizado_en=later))
+    return legacy, target, replace(full, run_id="incremental", mode="incremental")
+
+
+def _new_documents(legacy: Engine, documents: dict[int, str]) -> None:
+    with legacy.begin() as conn:
+        for legacy_id, document in documents.items():
+            conn.execute(update(schema.pacientes).where(schema.pacientes.c.id == legacy_id).values(documento=document))
+
+
+def _document_of(target: Engine, legacy_id: int) -> str | None:
+    with target.connect() as conn:
+        return conn.scalar(text("SELECT national_id FROM clinical.patients WHERE legacy_id = :i"), {"i": legacy_id})
+
+
+@pytest.mark.timeout(180)
+def test_a_document_released_by_the_batch_written_beside_goes_to_its_next_claimant(
+    mariadb_url: str, postgres_url: str
+) -> None:
+    """An incremental run: patient 150 (second page) gives its document up for a new one, and patient 250
+    (third page) takes it, while the second page is not committed. The third page is decided beside it on
+    what the second will hold, not on what patient 150's row holds now: 250 holds the document, as one
+    writer would decide. Before, a batch that rewrote target rows made the next one wait for its commit."""
+    legacy, target, params = _all_changed(mariadb_url, postgres_url)
+    released = _document_of(target, RELEASER)
+    assert released is not None and released != _document_of(target, CLAIMANT)
+    _new_documents(legacy, {RELEASER: "99000150", CLAIMANT: released})
+    run = ThirdWrittenBesideSecond(validate(params), legacy, target)
+    result = run.run()
+    assert result.mode == "incremental" and len(run.ends) > 3
+    assert (_fate(target, RELEASER), _fate(target, CLAIMANT)) == ("migrated", "migrated")
+    assert (_document_of(target, RELEASER), _document_of(target, CLAIMANT)) == ("99000150", released)
+
+
+@pytest.mark.timeout(180)
+def test_documents_swapped_across_batches_end_where_one_writer_puts_them(mariadb_url: str, postgres_url: str) -> None:
+    """Patients 150 and 250 swap documents in one incremental run: the second page takes 250's document for
+    150 and evicts 250's row (it holds it now); the third, decided on the second committed, gives 250 the
+    document 150 gave up. Both are migrated with each other's document, the eviction in the ledger."""
+    legacy, target, params = _all_changed(mariadb_url, postgres_url)
+    first, second = _document_of(target, RELEASER), _document_of(target, CLAIMANT)
+    assert first and second and first != second
+    _new_documents(legacy, {RELEASER: second, CLAIMANT: first})
+    Migration(validate(params), legacy, target).run()
+    assert (_document_of(target, RELEASER), _document_of(target, CLAIMANT)) == (second, first)
+    actions = "SELECT action FROM migration.ledger WHERE run_id = 'incremental' AND legacy_id = :i ORDER BY id"
+    with target.connect() as conn:
+        assert [a for (a,) in conn.execute(text(actions), {"i": CLAIMANT})] == ["deleted", "inserted"]

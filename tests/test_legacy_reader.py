@@ -318,3 +318,32 @@ def test_the_pages_of_a_run_that_changes_nothing_are_twice_as_long(mariadb_url: 
     sizes = [frame.height for frame in pages]
     for before, page in pairwise(pages[:-1]):
         assert page.height == min(60, 2 * source.next_page_rows(before)) > source.next_page_rows(before), sizes
+
+
+@pytest.mark.parametrize("writers", [1, 2, 3])
+def test_a_short_list_of_changed_ids_is_read_in_a_page_for_each_writer(mariadb_url: str, writers: int) -> None:
+    """Pages sized by memory, few changed rows: the listed ids are read in as many pages as the consumer
+    has writers (each page a batch, all written at once), not in a first short page and a long one; one
+    writer reads them as before (a first page of MIN_PAGE_ROWS, here all of them)."""
+    engine, rows = _patients(mariadb_url)
+    since = datetime(2024, 1, 20)
+    changed, expected = _changed(rows, since, None), _changed(rows, since)
+    sent = _statements(engine)
+    reader = LegacyReader(engine, "patients", "HSJ", None, writers=writers)
+    read = [int(i) for frame, _ in reader.pages(-1, since) for i in frame["id"]]
+    assert read == expected and len(changed) > writers * 10
+    pages = [statement for statement in sent if "pacientes.id IN (" in statement]
+    assert len(pages) == writers
+
+
+def test_memory_still_bounds_the_pages_of_a_list_shared_by_writers(mariadb_url: str, monkeypatch) -> None:
+    """A page for each writer, unless memory makes pages shorter: then pages sized by memory, as many as
+    it takes."""
+    engine, rows = _patients(mariadb_url)
+    monkeypatch.setattr(source, "MIGRATION_PAGES", source.PageBudget(bytes=1_500, min_rows=10, max_rows=60))
+    since = datetime(2024, 1, 20)
+    reader = LegacyReader(engine, "patients", "HSJ", None, writers=2)
+    pages = [frame for frame, _ in reader.pages(-1, since)]
+    assert [int(i) for frame in pages for i in frame["id"]] == _changed(rows, since)
+    assert reader.changed_ids is not None and reader.listed_page == -(-len(reader.changed_ids) // 2)
+    assert len(pages) > 2  # two pages of listed ids would each hold more than a page by memory

@@ -113,19 +113,30 @@ class Outcome:
 class Handoff:
     """What a patients batch written beside the next one (:meth:`Migration._land_beside`) tells it."""
 
-    # Once decided: whether its effects stay in its range (the range held no target row and it evicts
-    # no holder), and the documents it will hold (``legacy_id``, ``national_id``).
-    decided: Future[tuple[bool, pl.DataFrame]] = field(default_factory=Future)
+    # Once decided: whether its effects stay in its scope (it evicts no holder outside it), the documents
+    # it will hold (``legacy_id``, ``national_id``), and the legacy ids of its scope's target rows, which
+    # it rewrites or deletes: their documents now are not theirs once it commits (``Before``).
+    decided: Future[tuple[bool, Before]] = field(default_factory=Future)
     redone: bool = False  # decided again (a value the target refused): the next batch's decision may be stale
+
+
+@dataclass(frozen=True)
+class Before:
+    """The batch before, decided and not committed yet, as a batch written beside it must see it: the
+    documents it will hold (``legacy_id``, ``national_id``), and the legacy ids whose target rows it
+    rewrites or deletes (what those rows hold now is not theirs once it commits)."""
+
+    held: pl.DataFrame
+    released: pl.Series
 
 
 @dataclass
 class Beside:
-    """A batch's part in the handoff: its own, to publish, and the documents of the batch before it,
-    not committed yet, which hold their national ids for it (None: that batch is committed)."""
+    """A batch's part in the handoff: its own, to publish, and the batch before it, not committed yet
+    (None: that batch is committed)."""
 
     own: Handoff
-    held_before: pl.DataFrame | None
+    before: Before | None
 
 
 @dataclass
@@ -399,7 +410,9 @@ class Migration:
         lo = after
         next_analyze = ANALYZE_FIRST
         analyzed_at = self._writes(counts)
-        reader = LegacyReader(self.legacy, self.params.entity, self.params.sistema, self.params.batch_size)
+        p = self.params
+        writers = WRITERS if self._lands_beside() else 1
+        reader = LegacyReader(self.legacy, p.entity, p.sistema, p.batch_size, writers=writers)
         with ExitStack() as helpers:
             # The §6 rules run on the reader thread, for the next page while this one is written
             # (polars and the drivers release the GIL). The patients' need nothing of the target;
@@ -495,8 +508,9 @@ class Migration:
         committed as one writer would. What a batch is decided on must not depend on the batch before
         it, not committed yet: an independent batch's reads and writes stay in its own scope; a patients
         batch waits for the decision of the one before (its :class:`Handoff`) and counts the documents
-        that batch will hold among their holders — or, when that batch deletes or evicts rows, waits
-        for its commit — and is decided again, on it committed, if that batch was decided again. Two
+        that batch will hold among their holders, in place of what the rows it rewrites or deletes hold
+        now — or, when that batch evicts holders beyond its scope, waits for its commit — and is decided
+        again, on it committed, if that batch was decided again. Two
         PostgreSQL backends then share a first run's writes, which one backend could not keep up
         with (its index and COPY work was the run's critical path). Returns the last batch's end."""
         local = threading.local()
@@ -528,18 +542,17 @@ class Migration:
             conn = connection()
             done = Counts()
             try:
-                held_before = None
+                decided_before = None
                 if handed is not None and before is not None:
-                    contained, claims = handed.decided.result()  # the batch before decided (or failed)
-                    if contained:
-                        held_before = claims
-                    else:  # it reaches beyond its range (rows it deletes or evicts): decide on it committed
+                    contained, decided_before = handed.decided.result()  # the batch before decided (or failed)
+                    if not contained:  # it evicts holders beyond its scope: decide on it committed
                         before.result()
-                beside = Beside(own, held_before) if own is not None else None
+                        decided_before = None
+                beside = Beside(own, decided_before) if own is not None else None
                 wrote = self._apply_batch(conn, conn, rows, mode, lo, hi, done, ruled, beside)
                 if before is not None:
                     before.result()  # the batch before committed; its failure is this batch's too
-                if handed is not None and handed.redone and held_before is not None and own is not None:
+                if handed is not None and handed.redone and decided_before is not None and own is not None:
                     # decided on documents the batch before then gave up: decide again on it committed
                     conn.rollback()
                     own.redone = True
@@ -689,15 +702,14 @@ class Migration:
             {"legacy_id": pl.Int64, "id": pl.Int64, "old_hash": pl.String} | {c.name: pl.String for c in held},
         )
         if p.entity == "patients":
-            held_before = beside.held_before if beside is not None else None
-            decided = self._decide_duplicates(
-                target, decided, scope, in_scope, outcome, existing["national_id"], held_before
-            )
+            before = beside.before if beside is not None else None
+            held_in_scope = existing["national_id"]
+            decided = self._decide_duplicates(target, decided, scope, in_scope, outcome, held_in_scope, before)
             existing = existing.drop("national_id")
         passing = decided.filter(pl.col(batch.REASON).is_null())
         if beside is not None and not beside.own.decided.done():
-            contained = existing.height == 0 and not outcome.evicted
-            beside.own.decided.set_result((contained, passing.select("legacy_id", "national_id")))
+            handed = Before(passing.select("legacy_id", "national_id"), existing["legacy_id"])
+            beside.own.decided.set_result((not outcome.evicted, handed))
         failing = decided.filter(pl.col(batch.REASON).is_not_null())
         outcome.quarantined = failing.select(
             "legacy_id", pl.col(batch.REASON).alias("reason"), pl.col(batch.DETAIL).alias("detail")
@@ -823,13 +835,14 @@ class Migration:
         in_scope: pl.Expr,
         outcome: Outcome,
         held_in_scope: pl.Series,
-        held_before: pl.DataFrame | None = None,
+        before: Before | None = None,
     ) -> pl.DataFrame:
         """DUPLICATE_DOCUMENT (rules.first_claim_wins): per national id, the lowest legacy id among the
         batch's passing rows and the target rows outside the batch that hold it now.
-        ``held_in_scope``: the documents the target rows of the batch's scope hold; ``held_before``: the
-        documents the batch before this one will hold (``legacy_id``, ``national_id``), not committed yet
-        (:meth:`_land_beside`). Their legacy ids are below this batch's, so they own what they hold."""
+        ``held_in_scope``: the documents the target rows of the batch's scope hold; ``before``: the batch
+        before this one, not committed yet (:meth:`_land_beside`): the documents it will hold, whose legacy
+        ids are below this batch's, so they own what they hold, in place of what the target rows it
+        rewrites or deletes hold now."""
         claims = decided.filter(pl.col(batch.REASON).is_null()).select("legacy_id", "national_id")
         if claims.height == 0:
             return decided
@@ -851,11 +864,10 @@ class Migration:
                 ),
                 holder_types,
             ).filter(~in_scope)
-        if held_before is not None and held_before.height:
-            before = held_before.filter(pl.col("national_id").is_in(claimed.implode()))
-            holders = pl.concat(
-                [holders, before.select("legacy_id", pl.lit(None, pl.Int64).alias("id"), "national_id")]
-            )
+        if before is not None:
+            holders = holders.filter(~pl.col("legacy_id").is_in(before.released.implode()))
+            held = before.held.filter(pl.col("national_id").is_in(claimed.implode()))
+            holders = pl.concat([holders, held.select("legacy_id", pl.lit(None, pl.Int64).alias("id"), "national_id")])
         if holders.height == 0 and claimed.len() == claims.height:
             return decided  # every document claimed once, and held by no row outside: no loser, none evicted
         owners = (

@@ -26,6 +26,22 @@ user keeps ready on a unix socket only this user can reach, and stays a thin cli
   (no server, a stale socket, no safe folder for it) runs the command in the client's own process, as
   without a resident worker.
 
+**The channel.** Over SSH, a command still pays the user's login shell (sshd runs every command through
+it, ``.bashrc`` included: 0.12 s of ``pyenv init`` on this project's machines) and the thin client's
+start-up (0.04 s). The server also listens on a loopback TCP port, which the Dagster side reaches through
+an SSH ``direct-tcpip`` channel on the connection it already has, with no shell and no client process:
+
+- A command run with ``CLINIC_MIGRATE_RESIDENT_CHANNEL=1`` in its environment is told the port and the
+  server's token (random, 32 bytes, in the server's memory only): a line ``@@resident-channel PORT TOKEN``
+  on its stderr, which the Dagster side takes out of the output (resources/processes.py) and keeps.
+- On the channel both sides prove they hold the token before anything else (HMAC-SHA256 over a nonce of
+  each), so a port taken over by another user's process is never sent a command's secrets, and a peer
+  without the token is never run a command. The request then carries the command's arguments, the
+  variables its invocation sets and its stdin; the spare runs it on pipes and sends its stdout and stderr
+  back in frames, then its exit status, as the unix socket's client would exit with.
+- A spare refuses a channel's command when the worker's installation changed since its server started
+  (the offer is then dropped and the command runs through the shell, which starts a new server).
+
 The socket lives in ``CLINIC_MIGRATE_RESIDENT_DIR``, else ``$XDG_RUNTIME_DIR/clinic-migrate``, else
 ``~/.cache/clinic-migrate``: a folder of this user's with mode 0700 (made so, or refused). A spare also
 refuses a peer of another user (``SO_PEERCRED``). This module imports only the standard library's light
@@ -34,9 +50,11 @@ modules: the client runs it before anything else.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import hashlib
+import hmac
 import json
 import os
 import select
@@ -49,7 +67,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from worker.launch import RESIDENT_ENV
 
@@ -63,10 +81,18 @@ QUIET_SECONDS = 1.0  # a spare imports once no command has run for this long (or
 # a third command waited for a cold spare's imports: 0.4 s of an unchanged re-run of 480k patients (3.5 s).
 LONG_COMMAND_SECONDS = 2.0
 MAX_REQUEST_BYTES = 1 << 20
+MAX_CHANNEL_REQUEST_BYTES = 16 << 20  # a channel's request carries its stdin too (base64); a larger one: the shell
 _HEADER = struct.Struct("!I")
-_PID = struct.Struct("!q")
-_STATUS = struct.Struct("!i")
+PID = struct.Struct("!q")
+STATUS = struct.Struct("!i")
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+CHANNEL_ENV = "CLINIC_MIGRATE_RESIDENT_CHANNEL"  # "1": the command is told how to reach the channel
+CHANNEL_MARKER = "@@resident-channel "  # on its stderr: the port and the token, hex
+CHANNEL_HELLO = b"clinic-migrate resident channel 1\n"  # the client's first bytes, then its nonce
+HANDSHAKE_SECONDS = 5.0  # a channel's peer that has not said its part by then is dropped
+NONCE_BYTES = 32
+FRAME = struct.Struct("!cI")  # a channel's frames from the spare: kind, length, then the bytes
+STDOUT_FRAME, STDERR_FRAME, STATUS_FRAME = b"o", b"e", b"s"
 
 
 # --- where ---------------------------------------------------------------------------------------
@@ -80,7 +106,7 @@ def resident_seconds(environ: dict[str, str] | os._Environ[str] = os.environ) ->
         return 0
 
 
-def _private_folder(path: Path) -> Path | None:
+def private_folder(path: Path) -> Path | None:
     """``path`` made if missing (mode 0700); None unless it is a folder of this user's that no one else
     can enter."""
     try:
@@ -95,11 +121,11 @@ def _private_folder(path: Path) -> Path | None:
 
 def socket_folder(environ: dict[str, str] | os._Environ[str] = os.environ) -> Path | None:
     if given := environ.get(DIR_ENV):
-        return _private_folder(Path(given))
+        return private_folder(Path(given))
     runtime = environ.get("XDG_RUNTIME_DIR")
-    if runtime and _private_folder(Path(runtime)) is not None:
-        return _private_folder(Path(runtime) / "clinic-migrate")
-    return _private_folder(Path.home() / ".cache" / "clinic-migrate")
+    if runtime and private_folder(Path(runtime)) is not None:
+        return private_folder(Path(runtime) / "clinic-migrate")
+    return private_folder(Path.home() / ".cache" / "clinic-migrate")
 
 
 WORKER_FILES = Path(__file__).resolve().parent
@@ -198,17 +224,17 @@ def handed_over(argv: Sequence[str]) -> int | None:
             conn.sendall(message[sent:])
         except OSError:
             return None
-        said = _read_exactly(conn, _PID.size)  # the spare took the command: from here on it is the spare's
+        said = _read_exactly(conn, PID.size)  # the spare took the command: from here on it is the spare's
         if said is None:
             return None
-        (pid,) = _PID.unpack(said)
+        (pid,) = PID.unpack(said)
         for number in _FORWARDED:
             signal.signal(number, lambda received, _frame: _forward(pid, received))
-        status = _read_exactly(conn, _STATUS.size)
+        status = _read_exactly(conn, STATUS.size)
     if status is None:  # the spare ended without a status: killed
         sys.stderr.write("clinic-migrate: the resident worker's process ended without an exit status\n")
         return 128 + signal.SIGKILL
-    return int(_STATUS.unpack(status)[0])
+    return int(STATUS.unpack(status)[0])
 
 
 def _forward(pid: int, number: int) -> None:
@@ -298,35 +324,184 @@ def _watch(conn: socket.socket, ended: threading.Event) -> None:
     threading.Thread(target=watch, name="resident-client", daemon=True).start()
 
 
-def spare(listener: socket.socket, taken: int, go: int) -> NoReturn:
+class Doors(NamedTuple):
+    """How commands reach a server's spares: its unix socket, its channel's loopback port, the token a
+    channel's peer must prove it holds, and the installation's fingerprint when the server started."""
+
+    socket: socket.socket
+    channel: socket.socket
+    token: bytes
+    installation: str
+    port: int
+
+    @property
+    def listeners(self) -> list[socket.socket]:
+        return [self.socket, self.channel]
+
+    def offer(self) -> bytes:
+        """The line that tells a command's caller how to reach the channel."""
+        return f"{CHANNEL_MARKER}{self.port} {self.token.hex()}\n".encode()
+
+
+def spare(doors: Doors, taken: int, go: int) -> NoReturn:
     """A spare's life, in a process the server forked: wait until the server says to warm up (``go``: no
     command has run for a while, or a client waits that no other spare serves), warm up, take one
     command, run it, and leave (as ``clinic-migrate`` does) once its exit status is sent."""
     if os.read(go, 1) == b"":  # the server is gone before it said so: nothing to do
         os._exit(0)
     os.close(go)
-    warm_up(lambda: bool(select.select([listener], [], [], 0)[0]))
+    warm_up(lambda: bool(select.select(doors.listeners, [], [], 0)[0]))
     from worker.launch import leave, run_command
 
-    try:
-        conn, _ = listener.accept()
-    except OSError:  # the server shut the socket down: no command for this spare
-        leave(0)
-    listener.close()
-    os.write(taken, _PID.pack(os.getpid()))  # the server starts the next spare now
-    os.close(taken)
-    command = _take(conn)
-    if command is None:
+    while True:  # a channel's peer that cannot prove it holds the token leaves this spare waiting
+        accepted = _accept(doors.listeners)
+        if accepted is None:  # the server shut its doors: no command for this spare
+            leave(0)
+        conn, through_channel = accepted
+        streamed = _take_streamed(conn, doors) if through_channel else None
+        if streamed is not None or not through_channel:
+            break
         conn.close()
-        leave(0)
-    argv, env, cwd, fds = command
-    _become(env, cwd, fds)
-    conn.sendall(_PID.pack(os.getpid()))
+    for listener in doors.listeners:
+        listener.close()
+    os.write(taken, PID.pack(os.getpid()))  # the server starts the next spare now
+    os.close(taken)
+    if streamed is not None:
+        argv, env, stdin = streamed
+        pump = _become_streamed(conn, env, stdin)
+        finish: Callable[[int], None] = lambda code: _finish_streamed(conn, pump, code)  # noqa: E731
+    else:
+        command = _take(conn)
+        if command is None:
+            conn.close()
+            leave(0)
+        argv, env, cwd, fds = command
+        _become(env, cwd, fds)
+        if env.get(CHANNEL_ENV) == "1":
+            os.write(2, doors.offer())
+        finish = lambda code: _say_status(conn, code)  # noqa: E731
+    conn.sendall(PID.pack(os.getpid()))
     ended = threading.Event()
     _watch(conn, ended)
     code = _status(run_command, argv)
     ended.set()
-    leave(code, last=lambda: _say_status(conn, code))
+    leave(code, last=lambda: finish(code))
+
+
+def _accept(listeners: Sequence[socket.socket]) -> tuple[socket.socket, bool] | None:
+    """The next connection to either door (the listeners are non-blocking: every spare waits on both, and
+    the one that accepts first takes it) and whether it came through the channel; None once shut."""
+    while True:
+        try:
+            readable, _, _ = select.select(listeners, [], [])
+        except OSError:
+            return None
+        for listener in readable:
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:  # another spare took it
+                continue
+            except OSError:  # shut down by the server
+                return None
+            conn.setblocking(True)
+            return conn, listener.family != socket.AF_UNIX
+
+
+def proof(token: bytes, side: bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    """What one side of a channel (``side``: b"server" or b"client") sends to show it holds the token."""
+    return hmac.new(token, side + b"\0" + client_nonce + server_nonce, hashlib.sha256).digest()
+
+
+def channel_request(argv: Sequence[str], env: dict[str, str], stdin: bytes) -> bytes:
+    """A channel's command, once both sides have proved themselves: its arguments (after ``clinic-migrate``),
+    the variables its invocation sets and its whole stdin."""
+    body = json.dumps({"argv": list(argv), "env": env, "stdin": base64.b64encode(stdin).decode()}).encode()
+    return _HEADER.pack(len(body)) + body
+
+
+def _take_streamed(conn: socket.socket, doors: Doors) -> tuple[list[str], dict[str, str], bytes] | None:
+    """A channel's command (its arguments, variables, stdin) once its peer proved it holds the token; None
+    for a peer that does not, one too slow to say its part, or an installation changed since the server
+    started (its caller then runs the command through the shell: a new server)."""
+    conn.settimeout(HANDSHAKE_SECONDS)
+    hello = _read_exactly(conn, len(CHANNEL_HELLO) + NONCE_BYTES)
+    if hello is None or not hello.startswith(CHANNEL_HELLO):
+        return None
+    client_nonce, server_nonce = hello[len(CHANNEL_HELLO) :], os.urandom(NONCE_BYTES)
+    try:
+        conn.sendall(server_nonce + proof(doors.token, b"server", client_nonce, server_nonce))
+    except OSError:
+        return None
+    said = _read_exactly(conn, hashlib.sha256().digest_size + _HEADER.size)
+    expected = proof(doors.token, b"client", client_nonce, server_nonce)
+    if said is None or not hmac.compare_digest(said[: len(expected)], expected):
+        return None
+    (size,) = _HEADER.unpack(said[len(expected) :])
+    body = _read_exactly(conn, size) if size <= MAX_CHANNEL_REQUEST_BYTES else None
+    if body is None or fingerprint() != doors.installation:
+        return None
+    conn.settimeout(None)
+    request = json.loads(body)
+    env = {str(name): str(value) for name, value in request["env"].items()}
+    return [str(arg) for arg in request["argv"]], env, base64.b64decode(request["stdin"])
+
+
+def _become_streamed(conn: socket.socket, env: dict[str, str], stdin: bytes) -> threading.Thread:
+    """This process as a channel's command's: its stdin the request's (a memory file), its stdout and stderr
+    pipes that a thread sends on in frames, the server's environment with the invocation's variables, and
+    the user's home folder (where sshd starts a command)."""
+    given = os.memfd_create("stdin", os.MFD_CLOEXEC)
+    rest = memoryview(stdin)
+    while rest:
+        rest = rest[os.write(given, rest) :]
+    os.lseek(given, 0, os.SEEK_SET)
+    out_read, out_write = os.pipe2(os.O_CLOEXEC)
+    err_read, err_write = os.pipe2(os.O_CLOEXEC)
+    for target, fd in enumerate((given, out_write, err_write)):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.environ.pop(CHANNEL_ENV, None)  # the server's, from the command that started it: this one asked nothing
+    os.environ.update(env)
+    if hasattr(time, "tzset"):
+        time.tzset()
+    try:
+        os.chdir(os.environ.get("HOME") or "/")
+    except OSError:
+        os.chdir("/")
+    pump = threading.Thread(
+        target=_pump, args=(conn, {out_read: STDOUT_FRAME, err_read: STDERR_FRAME}), name="resident-output", daemon=True
+    )
+    pump.start()
+    return pump
+
+
+_SENDING = threading.Lock()  # a channel's frames go whole: the output's, then the exit status
+
+
+def _pump(conn: socket.socket, sources: dict[int, bytes]) -> None:
+    """The command's output, in frames, as it comes (a slow peer slows the command: the pipes fill)."""
+    with contextlib.suppress(OSError):  # the peer gone: _watch ends the command
+        while sources:
+            readable, _, _ = select.select(list(sources), [], [])
+            for fd in readable:
+                data = os.read(fd, 65536)
+                if data:
+                    with _SENDING:
+                        conn.sendall(FRAME.pack(sources[fd], len(data)) + data)
+                else:
+                    os.close(fd)
+                    del sources[fd]
+
+
+def _finish_streamed(conn: socket.socket, pump: threading.Thread, code: int) -> None:
+    """The output's last frames, then the exit status: stdout and stderr closed (flushed already), so the
+    pump reads them to their end."""
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    pump.join(KILL_GRACE_SECONDS)  # a descriptor of them left to a process of the command's: not waited for
+    with _SENDING, contextlib.suppress(OSError):
+        conn.sendall(FRAME.pack(STATUS_FRAME, STATUS.size) + STATUS.pack(code))
 
 
 def _status(run: Callable[[list[str]], int], argv: list[str]) -> int:
@@ -349,7 +524,7 @@ def _status(run: Callable[[list[str]], int], argv: list[str]) -> int:
 
 def _say_status(conn: socket.socket, code: int) -> None:
     with contextlib.suppress(OSError):
-        conn.sendall(_STATUS.pack(code))
+        conn.sendall(STATUS.pack(code))
 
 
 # --- the server ------------------------------------------------------------------------------------
@@ -397,7 +572,7 @@ def _forget_stale(folder: Path, fcntl: Any) -> None:
         os.close(held)
 
 
-def _fork_spare(listener: socket.socket, taken: int, servers: Sequence[int]) -> tuple[int, int]:
+def _fork_spare(doors: Doors, taken: int, servers: Sequence[int]) -> tuple[int, int]:
     """A new spare, and the descriptor that tells it to warm up. ``servers``: the server's own descriptors,
     closed in the spare (its lock above all: a command running long must not keep the next server from
     starting; the other spares' go descriptors: each spare finds the server gone when its own closes)."""
@@ -409,7 +584,7 @@ def _fork_spare(listener: socket.socket, taken: int, servers: Sequence[int]) -> 
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             for fd in (*servers, go_write):
                 os.close(fd)
-            spare(listener, taken, go_read)
+            spare(doors, taken, go_read)
         finally:
             os._exit(70)  # EX_SOFTWARE: the spare failed before its command
     os.close(go_read)
@@ -431,6 +606,10 @@ def serve(path: Path, seconds: int) -> int:
         return 0
     listener, lock = bound
     identity = os.stat(path).st_ino
+    channel = socket.create_server(("127.0.0.1", 0))  # reached through SSH's direct-tcpip, token first
+    doors = Doors(listener, channel, os.urandom(32), fingerprint(), channel.getsockname()[1])
+    for door in doors.listeners:
+        door.setblocking(False)  # every spare waits on both: the one that accepts first takes a connection
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     wake_read, wake_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     signal.signal(signal.SIGCHLD, lambda _number, _frame: None)  # a spare ended: wakes the select below
@@ -441,7 +620,7 @@ def serve(path: Path, seconds: int) -> int:
 
     def fork_spare() -> None:
         others = [go for go in waiting.values() if go is not None]
-        pid, go = _fork_spare(listener, write_end, (*mine, *others))
+        pid, go = _fork_spare(doors, write_end, (*mine, *others))
         waiting[pid] = go
 
     def warm_at() -> float:
@@ -465,7 +644,7 @@ def serve(path: Path, seconds: int) -> int:
             cold = [pid for pid, go in waiting.items() if go is not None]
             timeout = min(1.0, max(0.0, deadline - now), max(0.0, warm_at() - now) if cold else 1.0)
             # Clients are watched for while every spare waiting is cold: one of them warms up for a client.
-            clients = [listener] if cold and len(cold) == len(waiting) else []
+            clients = doors.listeners if cold and len(cold) == len(waiting) else []
             # A spare's SIGCHLD does not end the wait (PEP 475): its handler writes to ``wake_read``.
             readable, _, _ = select.select([read_end, wake_read, *clients], [], [], timeout)
             if wake_read in readable:
@@ -474,7 +653,7 @@ def serve(path: Path, seconds: int) -> int:
             if busy and not (busy := {pid: took for pid, took in busy.items() if not _reaped(pid)}):
                 quiet_since = time.monotonic()
             if read_end in readable:  # a spare took a command: another is forked, to warm up later
-                (pid,) = _PID.unpack(os.read(read_end, _PID.size))
+                (pid,) = PID.unpack(os.read(read_end, PID.size))
                 waiting.pop(pid, None)
                 busy[pid] = time.monotonic()
                 fork_spare()
@@ -483,7 +662,7 @@ def serve(path: Path, seconds: int) -> int:
             if time.monotonic() >= warm_at():
                 for pid in cold:
                     tell(pid)
-            elif listener in readable:
+            elif any(door in readable for door in doors.listeners):
                 tell(cold[0])
             if any(_reaped(pid) for pid in waiting) and not select.select([read_end], [], [], 0)[0]:
                 broken = True  # a spare died without a command
@@ -494,8 +673,10 @@ def serve(path: Path, seconds: int) -> int:
         if _still_ours(path, identity):
             os.unlink(path)
         # The ready spares' accept fails and they leave; one that took a command just now keeps it.
-        listener.shutdown(socket.SHUT_RDWR)
-        listener.close()
+        for door in doors.listeners:
+            with contextlib.suppress(OSError):
+                door.shutdown(socket.SHUT_RDWR)
+            door.close()
         for go in waiting.values():  # a spare not warmed up yet leaves at once
             if go is not None:
                 os.close(go)

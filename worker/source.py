@@ -235,7 +235,13 @@ class LegacyReader:
     ``page`` rows each, or (None) as many as ``budget`` makes of the page before."""
 
     def __init__(
-        self, engine: Engine, entity: str, sistema: str, page: int | None, budget: PageBudget | None = None
+        self,
+        engine: Engine,
+        entity: str,
+        sistema: str,
+        page: int | None,
+        budget: PageBudget | None = None,
+        writers: int = 1,
     ) -> None:
         self.engine = engine
         self.columns = COLUMNS[entity]
@@ -248,6 +254,8 @@ class LegacyReader:
         self.by_driver = self.url is None  # read through SQLAlchemy, not connectorx (see :meth:`_plan_incremental`)
         self.page_index: str | None = None  # see :func:`page_index`
         self.changed_ids: list[int] | None = None  # see :meth:`_plan_incremental`
+        self.writers = writers  # batches the consumer writes at once: a short id list is read in as many pages
+        self.listed_page: int | None = None  # see :meth:`_plan_incremental`
 
     def eligible_ids(self, after: int, conn: Connection, upto: int | None = None) -> pl.DataFrame:
         """The ids of the sistema's rows that are not soft-deleted, after legacy id ``after`` (and up to
@@ -319,6 +327,8 @@ class LegacyReader:
             ids = sorted(conn.scalars(listed))
             if len(ids) <= listable:
                 self.changed_ids, changed = ids, len(ids)  # of every sistema: at least the sistema's
+                if self.sized_by_memory and self.writers > 1:  # as many pages as writers, or more: all busy at once
+                    self.listed_page = self.page = min(self.budget.max_rows, max(1, -(-len(ids) // self.writers)))
             else:
                 changed = conn.scalar(select(func.count()).where(t.c.sistema == self.sistema, recent)) or 0
                 if changed <= most:
@@ -397,7 +407,7 @@ class LegacyReader:
                             continue
                         break
                     if self.sized_by_memory:
-                        self.page = self.budget.next_rows(frame)
+                        self.page = min(self.budget.next_rows(frame), self.listed_page or self.budget.max_rows)
                         if quiet is not None and quiet.is_set():
                             self.page = min(self.budget.max_rows, 2 * self.page)
                     if prepare is None:
