@@ -80,13 +80,12 @@ class Offers:
     """The channels offered, per key: in memory, and in files of this user's (another Dagster process of the
     same deployment finds them there)."""
 
-    def __init__(self, folder: Path | None = None) -> None:
-        self.folder = folder
+    def __init__(self) -> None:
         self.known: dict[str, Offer] = {}
 
-    def _file(self, key: str) -> Path | None:
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clinic-migrate"
-        folder = private_folder(self.folder or cache)
+    @staticmethod
+    def _file(key: str) -> Path | None:
+        folder = private_folder(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clinic-migrate")
         return None if folder is None else folder / f"channel-{key}.json"
 
     def recall(self, key: str) -> Offer | None:
