@@ -31,9 +31,11 @@ from worker.resident import (
     MAX_CHANNEL_REQUEST_BYTES,
     NONCE_BYTES,
     PID,
+    Offer,
     channel_request,
     private_folder,
     proof,
+    read_exactly,
 )
 
 
@@ -59,21 +61,6 @@ def resident_invocation(argv: Sequence[str]) -> Invocation | None:
     if position >= len(argv) or not env.get(RESIDENT_ENV, "").isdigit() or int(env[RESIDENT_ENV]) <= 0:
         return None
     return Invocation(env, list(argv[: position + 1]), list(argv[position + 1 :]))
-
-
-class Offer(NamedTuple):
-    port: int
-    token: bytes
-
-    @classmethod
-    def parse(cls, said: str) -> Offer | None:
-        """``PORT TOKEN`` (hex) as a spare says it; None for anything else."""
-        try:
-            port, token = said.split()
-            offer = cls(int(port), bytes.fromhex(token))
-        except ValueError:
-            return None
-        return offer if 0 < offer.port < 65536 and len(offer.token) >= 16 else None
 
 
 class Offers:
@@ -145,23 +132,20 @@ def open_channel(
     try:
         client_nonce = os.urandom(NONCE_BYTES)
         channel.sendall(CHANNEL_HELLO + client_nonce)
-        said = _read_exactly(channel, NONCE_BYTES + hashlib.sha256().digest_size)
+        said = _received(channel, NONCE_BYTES + hashlib.sha256().digest_size)
         server_nonce, shown = said[:NONCE_BYTES], said[NONCE_BYTES:]
         if not hmac.compare_digest(shown, proof(offer.token, b"server", client_nonce, server_nonce)):
             raise ConnectionError("the channel's peer does not hold the token")
         channel.sendall(proof(offer.token, b"client", client_nonce, server_nonce) + request)
-        (pid,) = PID.unpack(_read_exactly(channel, PID.size))
+        (pid,) = PID.unpack(_received(channel, PID.size))
     except (OSError, paramiko.SSHException):
         channel.close()
         return None
     return channel, pid
 
 
-def _read_exactly(channel: paramiko.Channel, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = channel.recv(size - len(data))
-        if not chunk:
-            raise ConnectionError("the channel closed")
-        data += chunk
-    return data
+def _received(channel: paramiko.Channel, size: int) -> bytes:
+    said = read_exactly(channel, size)
+    if said is None:
+        raise ConnectionError("the channel closed")
+    return said

@@ -20,8 +20,8 @@ from pydantic import Field
 
 from resources.errors import Category, MigrationError
 from resources.processes import PID_MARKER, ChannelProcess, Process, SSHProcess
-from resources.resident import OFFERS, Offer, offer_key, open_channel, resident_invocation
-from worker.resident import CHANNEL_ENV
+from resources.resident import OFFERS, offer_key, open_channel, resident_invocation
+from worker.resident import CHANNEL_ENV, Offer
 
 # Starts the command as a child that keeps the session's stdin, prints the child's PID (what a timeout
 # terminates and kills), and exits with its status: 128+N when a signal N killed it. OpenSSH reports a

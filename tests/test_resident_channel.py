@@ -22,7 +22,7 @@ import pytest
 from demo.sshd import SSHServer, running_sshd
 from resources.errors import Category, MigrationError
 from resources.processes import ChannelProcess, Process
-from resources.resident import OFFERS, Offer, offer_key, resident_invocation
+from resources.resident import OFFERS, offer_key, resident_invocation
 from resources.ssh import SSHResource
 from resources.worker import raise_for_exit
 from worker.launch import RESIDENT_ENV
@@ -31,6 +31,7 @@ from worker.resident import (
     NONCE_BYTES,
     WORKER_FILES,
     Doors,
+    Offer,
     _take_streamed,
     channel_request,
     fingerprint,
@@ -272,7 +273,7 @@ def test_the_handshake_runs_only_a_peer_that_holds_the_token() -> None:
 
     def take(proof_token: bytes, hello: bytes = CHANNEL_HELLO, installation: str | None = None) -> object:
         ours, theirs = socket.socketpair()
-        doors = Doors(ours, ours, token, installation or fingerprint(), 1)
+        doors = Doors(ours, ours, Offer(1, token), installation or fingerprint())
         taken: list[object] = []
         spare = threading.Thread(target=lambda: taken.append(_take_streamed(ours, doors)))
         spare.start()

@@ -113,10 +113,9 @@ class Outcome:
 class Handoff:
     """What a patients batch written beside the next one (:meth:`Migration._land_beside`) tells it."""
 
-    # Once decided: whether its effects stay in its scope (it evicts no holder outside it), the documents
-    # it will hold (``legacy_id``, ``national_id``), and the legacy ids of its scope's target rows, which
-    # it rewrites or deletes: their documents now are not theirs once it commits (``Before``).
-    decided: Future[tuple[bool, Before]] = field(default_factory=Future)
+    # Once decided: what the next batch must count (``Before``), or None when its effects reach beyond its
+    # scope (it evicts holders outside it): the next batch is then decided on it committed.
+    decided: Future[Before | None] = field(default_factory=Future)
     redone: bool = False  # decided again (a value the target refused): the next batch's decision may be stale
 
 
@@ -411,8 +410,8 @@ class Migration:
         next_analyze = ANALYZE_FIRST
         analyzed_at = self._writes(counts)
         p = self.params
-        writers = WRITERS if self._lands_beside() else 1
-        reader = LegacyReader(self.legacy, p.entity, p.sistema, p.batch_size, writers=writers)
+        beside = self._lands_beside()
+        reader = LegacyReader(self.legacy, p.entity, p.sistema, p.batch_size, writers=WRITERS if beside else 1)
         with ExitStack() as helpers:
             # The §6 rules run on the reader thread, for the next page while this one is written
             # (polars and the drivers release the GIL). The patients' need nothing of the target;
@@ -460,7 +459,7 @@ class Migration:
                     last_report = time.monotonic()
                 return committed
 
-            if not self._lands_beside():
+            if not beside:
                 for rows, ruled in pages:
                     hi = int(rows["id"][-1])
                     done = Counts()
@@ -544,10 +543,9 @@ class Migration:
             try:
                 decided_before = None
                 if handed is not None and before is not None:
-                    contained, decided_before = handed.decided.result()  # the batch before decided (or failed)
-                    if not contained:  # it evicts holders beyond its scope: decide on it committed
+                    decided_before = handed.decided.result()  # the batch before decided (or failed)
+                    if decided_before is None:  # it evicts holders beyond its scope: decide on it committed
                         before.result()
-                        decided_before = None
                 beside = Beside(own, decided_before) if own is not None else None
                 wrote = self._apply_batch(conn, conn, rows, mode, lo, hi, done, ruled, beside)
                 if before is not None:
@@ -709,7 +707,7 @@ class Migration:
         passing = decided.filter(pl.col(batch.REASON).is_null())
         if beside is not None and not beside.own.decided.done():
             handed = Before(passing.select("legacy_id", "national_id"), existing["legacy_id"])
-            beside.own.decided.set_result((not outcome.evicted, handed))
+            beside.own.decided.set_result(None if outcome.evicted else handed)
         failing = decided.filter(pl.col(batch.REASON).is_not_null())
         outcome.quarantined = failing.select(
             "legacy_id", pl.col(batch.REASON).alias("reason"), pl.col(batch.DETAIL).alias("detail")

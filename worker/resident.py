@@ -192,8 +192,9 @@ def _reach(path: Path, seconds: int) -> socket.socket | None:
     return None
 
 
-def _read_exactly(conn: socket.socket, size: int) -> bytes | None:
-    """``size`` bytes, or None at the end of the stream (or a reset) before them."""
+def read_exactly(conn: Any, size: int) -> bytes | None:
+    """``size`` bytes of ``conn`` (a socket, or anything with its ``recv``: an SSH channel), or None at the end
+    of the stream (a reset, a timeout) before them."""
     data = b""
     while len(data) < size:  # a signal handled meanwhile (the client forwards some) does not end a recv: PEP 475
         try:
@@ -224,13 +225,13 @@ def handed_over(argv: Sequence[str]) -> int | None:
             conn.sendall(message[sent:])
         except OSError:
             return None
-        said = _read_exactly(conn, PID.size)  # the spare took the command: from here on it is the spare's
+        said = read_exactly(conn, PID.size)  # the spare took the command: from here on it is the spare's
         if said is None:
             return None
         (pid,) = PID.unpack(said)
         for number in _FORWARDED:
             signal.signal(number, lambda received, _frame: _forward(pid, received))
-        status = _read_exactly(conn, STATUS.size)
+        status = read_exactly(conn, STATUS.size)
     if status is None:  # the spare ended without a status: killed
         sys.stderr.write("clinic-migrate: the resident worker's process ended without an exit status\n")
         return 128 + signal.SIGKILL
@@ -283,7 +284,7 @@ def _take(conn: socket.socket) -> tuple[list[str], dict[str, str], str, list[int
     rest = None
     if len(fds) == 3 and len(data) >= _HEADER.size:  # the rest of a request longer than the first read
         (size,) = _HEADER.unpack(data[: _HEADER.size])
-        rest = _read_exactly(conn, max(0, size - len(data) + _HEADER.size))
+        rest = read_exactly(conn, max(0, size - len(data) + _HEADER.size))
     if rest is None:
         for fd in fds:
             os.close(fd)
@@ -324,23 +325,39 @@ def _watch(conn: socket.socket, ended: threading.Event) -> None:
     threading.Thread(target=watch, name="resident-client", daemon=True).start()
 
 
+class Offer(NamedTuple):
+    """How to reach a server's channel: its loopback port, and the token a channel's peer must prove it holds."""
+
+    port: int
+    token: bytes
+
+    def line(self) -> bytes:
+        """The line on a command's stderr that tells its caller (``CHANNEL_ENV``)."""
+        return f"{CHANNEL_MARKER}{self.port} {self.token.hex()}\n".encode()
+
+    @classmethod
+    def parse(cls, said: str) -> Offer | None:
+        """What follows ``CHANNEL_MARKER`` on such a line; None for anything else."""
+        try:
+            port, token = said.split()
+            offer = cls(int(port), bytes.fromhex(token))
+        except ValueError:
+            return None
+        return offer if 0 < offer.port < 65536 and len(offer.token) >= 16 else None
+
+
 class Doors(NamedTuple):
-    """How commands reach a server's spares: its unix socket, its channel's loopback port, the token a
-    channel's peer must prove it holds, and the installation's fingerprint when the server started."""
+    """How commands reach a server's spares: its unix socket, its channel (and the offer of it), and the
+    installation's fingerprint when the server started."""
 
     socket: socket.socket
     channel: socket.socket
-    token: bytes
+    offer: Offer
     installation: str
-    port: int
 
     @property
     def listeners(self) -> list[socket.socket]:
         return [self.socket, self.channel]
-
-    def offer(self) -> bytes:
-        """The line that tells a command's caller how to reach the channel."""
-        return f"{CHANNEL_MARKER}{self.port} {self.token.hex()}\n".encode()
 
 
 def spare(doors: Doors, taken: int, go: int) -> NoReturn:
@@ -378,7 +395,7 @@ def spare(doors: Doors, taken: int, go: int) -> NoReturn:
         argv, env, cwd, fds = command
         _become(env, cwd, fds)
         if env.get(CHANNEL_ENV) == "1":
-            os.write(2, doors.offer())
+            os.write(2, doors.offer.line())
         finish = lambda code: _say_status(conn, code)  # noqa: E731
     conn.sendall(PID.pack(os.getpid()))
     ended = threading.Event()
@@ -424,20 +441,20 @@ def _take_streamed(conn: socket.socket, doors: Doors) -> tuple[list[str], dict[s
     for a peer that does not, one too slow to say its part, or an installation changed since the server
     started (its caller then runs the command through the shell: a new server)."""
     conn.settimeout(HANDSHAKE_SECONDS)
-    hello = _read_exactly(conn, len(CHANNEL_HELLO) + NONCE_BYTES)
+    hello = read_exactly(conn, len(CHANNEL_HELLO) + NONCE_BYTES)
     if hello is None or not hello.startswith(CHANNEL_HELLO):
         return None
     client_nonce, server_nonce = hello[len(CHANNEL_HELLO) :], os.urandom(NONCE_BYTES)
     try:
-        conn.sendall(server_nonce + proof(doors.token, b"server", client_nonce, server_nonce))
+        conn.sendall(server_nonce + proof(doors.offer.token, b"server", client_nonce, server_nonce))
     except OSError:
         return None
-    said = _read_exactly(conn, hashlib.sha256().digest_size + _HEADER.size)
-    expected = proof(doors.token, b"client", client_nonce, server_nonce)
+    said = read_exactly(conn, hashlib.sha256().digest_size + _HEADER.size)
+    expected = proof(doors.offer.token, b"client", client_nonce, server_nonce)
     if said is None or not hmac.compare_digest(said[: len(expected)], expected):
         return None
     (size,) = _HEADER.unpack(said[len(expected) :])
-    body = _read_exactly(conn, size) if size <= MAX_CHANNEL_REQUEST_BYTES else None
+    body = read_exactly(conn, size) if size <= MAX_CHANNEL_REQUEST_BYTES else None
     if body is None or fingerprint() != doors.installation:
         return None
     conn.settimeout(None)
@@ -447,9 +464,9 @@ def _take_streamed(conn: socket.socket, doors: Doors) -> tuple[list[str], dict[s
 
 
 def _become_streamed(conn: socket.socket, env: dict[str, str], stdin: bytes) -> threading.Thread:
-    """This process as a channel's command's: its stdin the request's (a memory file), its stdout and stderr
-    pipes that a thread sends on in frames, the server's environment with the invocation's variables, and
-    the user's home folder (where sshd starts a command)."""
+    """This process as a channel's command's (:func:`_become`): its stdin the request's (a memory file), its
+    stdout and stderr pipes that a thread sends on in frames, the server's environment with the invocation's
+    variables, and the user's home folder (where sshd starts a command)."""
     given = os.memfd_create("stdin", os.MFD_CLOEXEC)
     rest = memoryview(stdin)
     while rest:
@@ -457,17 +474,9 @@ def _become_streamed(conn: socket.socket, env: dict[str, str], stdin: bytes) -> 
     os.lseek(given, 0, os.SEEK_SET)
     out_read, out_write = os.pipe2(os.O_CLOEXEC)
     err_read, err_write = os.pipe2(os.O_CLOEXEC)
-    for target, fd in enumerate((given, out_write, err_write)):
-        os.dup2(fd, target)
-        os.close(fd)
-    os.environ.pop(CHANNEL_ENV, None)  # the server's, from the command that started it: this one asked nothing
-    os.environ.update(env)
-    if hasattr(time, "tzset"):
-        time.tzset()
-    try:
-        os.chdir(os.environ.get("HOME") or "/")
-    except OSError:
-        os.chdir("/")
+    # CHANNEL_ENV is the server's, from the command that started it: this command asked for nothing
+    inherited = {name: value for name, value in os.environ.items() if name != CHANNEL_ENV}
+    _become(inherited | env, os.environ.get("HOME") or "/", (given, out_write, err_write))
     pump = threading.Thread(
         target=_pump, args=(conn, {out_read: STDOUT_FRAME, err_read: STDERR_FRAME}), name="resident-output", daemon=True
     )
@@ -607,7 +616,7 @@ def serve(path: Path, seconds: int) -> int:
     listener, lock = bound
     identity = os.stat(path).st_ino
     channel = socket.create_server(("127.0.0.1", 0))  # reached through SSH's direct-tcpip, token first
-    doors = Doors(listener, channel, os.urandom(32), fingerprint(), channel.getsockname()[1])
+    doors = Doors(listener, channel, Offer(channel.getsockname()[1], os.urandom(32)), fingerprint())
     for door in doors.listeners:
         door.setblocking(False)  # every spare waits on both: the one that accepts first takes a connection
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
