@@ -18,6 +18,9 @@ encounters:
 7. the worker's peak RSS at each ``--rss-sizes`` (patients only), of a first run and of an unchanged
    re-run, to show it is flat.
 
+The worker's shared libraries are dropped from the page cache first (bench/pagecache.py): the RSS of a
+process that maps them depends on how their pages came into the cache.
+
 It prints one line per run (rows, seconds, rows/s, peak RSS), then the table in Markdown, and beside it
 the CPU seconds each run cost the client (the worker as it reports itself; Sling; the floor's mariadb and
 psql), PostgreSQL and MariaDB, with the cores they kept busy: where a run's time goes. Rates are
@@ -50,7 +53,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from bench import peers
+from bench import pagecache, peers
 from demo.databases import MARIADB_ADMIN, POSTGRES_ADMIN, throwaway_database
 from demo.legacy_data import generate
 from demo.sshd import running_sshd
@@ -509,6 +512,13 @@ def main() -> None:
     if sling_bin is not None:
         report.notes.append(f"Sling {peers.sling_version(sling_bin)} (sling-linux-amd64 wheel, own venv)")
     report.notes.append("every timed step (floor, Sling, each worker run) starts after a CHECKPOINT of the target")
+    cached = pagecache.drop(pagecache.libraries())
+    report.notes.append(
+        f"the worker's {cached.files} shared libraries were dropped from the page cache before the runs "
+        f"({cached.before / 2**20:.0f} MB of them were cached, {cached.after / 2**20:.0f} MB stayed: mapped by "
+        "running processes), so that the worker's RSS counts their pages as a host that read them from disk "
+        "maps them, not as the install wrote them (bench/pagecache.py)"
+    )
 
     tag = uuid.uuid4().hex[:8]
     try:

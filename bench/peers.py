@@ -17,11 +17,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, Integer, Table, text
 from sqlalchemy.engine import make_url
 
-from worker.source import COLUMNS
+if TYPE_CHECKING:
+    from worker.source import Columns
+
 
 ROOT = Path(__file__).resolve().parent.parent
 SLING_VENV = ROOT / ".bench" / "sling-venv"
@@ -38,10 +41,19 @@ class Timed:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
 
 
+def _columns(entity: str) -> Columns:
+    """The worker's legacy columns of ``entity``, imported when first asked for: worker.source loads polars,
+    which the benchmark process must not map before it drops the worker's libraries from the page cache
+    (bench/pagecache.py)."""
+    from worker.source import COLUMNS
+
+    return COLUMNS[entity]
+
+
 def select_sql(entity: str, sistema: str) -> str:
     """The legacy rows of one sistema, the columns the worker reads, DATETIMEs as text as the worker
     reads them (zero dates cannot be timestamps). Only ``sistema`` filters, as in issue 7's floor."""
-    columns = COLUMNS[entity]
+    columns = _columns(entity)
     picked = ", ".join(f"CAST({n} AS CHAR) AS {n}" if n in columns.datetimes else n for n in columns.names)
     if not sistema.replace("_", "").isalnum():
         raise ValueError(f"unexpected sistema {sistema!r}")
@@ -66,7 +78,7 @@ def _env_with_password(password: str | None, variable: str) -> dict[str, str]:
 def floor(legacy_url: str, target: Engine, entity: str, sistema: str, schema_name: str = "bench_floor") -> Timed:
     """``mariadb --batch --skip-column-names --quick -e SELECT … | psql -c "\\copy … FROM STDIN"``,
     into a fresh table with a primary key; timed from the client start to psql's exit."""
-    columns = COLUMNS[entity]
+    columns = _columns(entity)
     table = f"{schema_name}.{columns.table.name}"
     with target.begin() as conn:
         conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {schema_name}"))
@@ -121,7 +133,7 @@ def sling(
     binary: Path, legacy_url: str, target: Engine, entity: str, sistema: str, schema_name: str = "bench_sling"
 ) -> Timed:
     """``sling run --mode full-refresh`` of the same SELECT into ``schema_name``; the whole process timed."""
-    columns = COLUMNS[entity]
+    columns = _columns(entity)
     table = f"{schema_name}.{columns.table.name}"
     with target.begin() as conn:
         conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {schema_name}"))
