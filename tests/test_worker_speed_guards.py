@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import uuid
 from datetime import UTC, date, datetime, timedelta, timezone
@@ -223,28 +224,87 @@ def ledger_indexes(engine: object) -> dict[str, str]:
 
 
 def test_an_earlier_releases_ledger_gets_the_ledgers_indexes_and_keeps_its_rows(postgres_url: str) -> None:
-    """The ledger carries only the indexes its readers need (one per run and legacy id, a BRIN on time):
-    each is written once per ledger row. create_schemas brings the ledger of an earlier release (an index
-    on the run, another on the record) to them, rows kept; a second call changes nothing."""
+    """The ledger carries only the indexes its readers need, BRIN indexes (a bloom filter of run ids, a
+    min/max of times): each is written once per ledger row. create_schemas brings the ledger of an earlier
+    release (B-trees on the run, on the run and legacy id, on the record) to them, rows kept; a second call
+    changes nothing."""
     engine = schema.make_engine(postgres_url)
     try:
         schema.create_schemas(engine, schema.state_metadata)
         with engine.begin() as conn:
-            conn.exec_driver_sql("DROP INDEX migration.ix_ledger_run")
+            conn.exec_driver_sql("DROP INDEX migration.ix_ledger_run_bloom")
             conn.exec_driver_sql("DROP INDEX migration.ix_ledger_at")
             conn.exec_driver_sql("CREATE INDEX ix_ledger_record ON migration.ledger (entity, partition_key, legacy_id)")
             conn.exec_driver_sql("CREATE INDEX ix_migration_ledger_run_id ON migration.ledger (run_id)")
+            conn.exec_driver_sql("CREATE INDEX ix_ledger_run ON migration.ledger (run_id, legacy_id)")
             row = {"entity": "patients", "partition_key": "HSJ", "action": "inserted", "run_id": "r1"}
             rows = [row | {"legacy_id": i, "target_id": str(i), "at": datetime.now(UTC)} for i in range(5)]
             conn.execute(insert(schema.ledger), rows)
         for _ in range(2):
             schema.create_schemas(engine, schema.state_metadata)
             indexes = ledger_indexes(engine)
-            assert set(indexes) == {"ledger_pkey", "ix_ledger_run", "ix_ledger_at"}
-            assert indexes["ix_ledger_run"].endswith("USING btree (run_id, legacy_id)")
+            assert set(indexes) == {"ledger_pkey", "ix_ledger_run_bloom", "ix_ledger_at"}
+            assert indexes["ix_ledger_run_bloom"].endswith("USING brin (run_id text_bloom_ops)")
             assert indexes["ix_ledger_at"].endswith("USING brin (at)")
             with engine.connect() as conn:
                 assert conn.scalar(text("SELECT count(*) FROM migration.ledger WHERE run_id = 'r1'")) == 5
+    finally:
+        engine.dispose()
+
+
+def test_a_postgresql_without_bloom_indexes_is_refused_before_anything_is_created(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BRIN bloom indexes came with PostgreSQL 14: an older server is told so, with both versions, before
+    any schema or table is made (not with the server's error about an unknown operator class)."""
+    engine = schema.make_engine(postgres_url)
+    try:
+        with engine.connect():  # the dialect learns the server's version on the first connection
+            pass
+        monkeypatch.setattr(engine.dialect, "server_version_info", (13, 16))
+        with pytest.raises(RuntimeError, match=r"^PostgreSQL 14 or newer is needed .*this server is 13\.16$"):
+            schema.create_schemas(engine, schema.state_metadata)
+        with engine.connect() as conn:
+            assert conn.scalar(text("SELECT count(*) FROM pg_namespace WHERE nspname = 'migration'")) == 0
+    finally:
+        engine.dispose()
+
+
+def test_one_runs_ledger_rows_are_read_through_the_bloom_filter(postgres_url: str) -> None:
+    """The readers of one run's rows (a rollback, the retention clean-up) find them through the BRIN bloom
+    index, even where runs of other partitions wrote at the same time, and read only the block ranges
+    that hold them (and the few a bloom filter takes for them)."""
+    engine = schema.make_engine(postgres_url)
+    try:
+        schema.create_schemas(engine, schema.state_metadata)
+        with engine.begin() as conn:
+            # 40 runs, two at a time, each of two batches of 2,000 rows, the two runs' batches interleaved (160k
+            # rows); run ids as random as Dagster's, so a block range's min/max of them would match most runs
+            conn.exec_driver_sql(
+                "INSERT INTO migration.ledger (entity, partition_key, legacy_id, target_id, action, content_hash, "
+                "run_id, at) SELECT 'encounters', 'P' || mod(b, 2), g, g::text, 'inserted', md5(g::text) || "
+                "md5(g::text), 'run-' || md5((div(b, 4) * 2 + mod(b, 2))::text), now() "
+                "FROM generate_series(0, 79) AS b, generate_series(b * 2000 + 1, b * 2000 + 2000) AS g"
+            )
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("VACUUM ANALYZE migration.ledger")  # summarizes the block ranges
+        with engine.connect() as conn:
+            wanted = conn.scalar(text("SELECT run_id FROM migration.ledger WHERE legacy_id = 70001"))
+            plan = "\n".join(
+                conn.scalars(
+                    text(
+                        "EXPLAIN (ANALYZE, BUFFERS, FORMAT TEXT) SELECT id, legacy_id FROM migration.ledger "
+                        "WHERE run_id = :run AND entity = 'encounters' ORDER BY id"
+                    ),
+                    {"run": wanted},
+                )
+            )
+            assert "Bitmap Index Scan on ix_ledger_run_bloom" in plan, plan
+            mine = text("SELECT count(*) FROM migration.ledger WHERE run_id = :run")
+            assert conn.scalar(mine, {"run": wanted}) == 4000
+            blocks = conn.scalar(text("SELECT relpages FROM pg_class WHERE oid = 'migration.ledger'::regclass"))
+            read = sum(int(n) for n in re.findall(r"Heap Blocks: (?:exact|lossy)=(\d+)", plan))
+            assert 0 < read < blocks / 10, (read, blocks, plan)
     finally:
         engine.dispose()
 
@@ -259,7 +319,7 @@ def test_a_role_that_does_not_own_the_ledger_keeps_its_earlier_indexes_and_says_
     try:
         schema.create_schemas(owner, schema.state_metadata)
         with owner.begin() as conn:
-            conn.exec_driver_sql("DROP INDEX migration.ix_ledger_run")
+            conn.exec_driver_sql("DROP INDEX migration.ix_ledger_run_bloom")
             conn.exec_driver_sql("CREATE INDEX ix_migration_ledger_run_id ON migration.ledger (run_id)")
             conn.exec_driver_sql(f'CREATE ROLE "{role}" LOGIN')
             conn.exec_driver_sql(f'GRANT CREATE ON DATABASE "{database}" TO "{role}"')
@@ -268,11 +328,11 @@ def test_a_role_that_does_not_own_the_ledger_keeps_its_earlier_indexes_and_says_
         other = schema.make_engine(make_url(postgres_url).set(username=role).render_as_string(hide_password=False))
         said: list[str] = []
         schema.create_schemas(other, schema.state_metadata, log=said.append)
-        assert len(said) == 2 and "ix_migration_ledger_run_id" in said[0] and "ix_ledger_run" in said[1], said
+        assert len(said) == 2 and "ix_migration_ledger_run_id" in said[0] and "ix_ledger_run_bloom" in said[1], said
         assert all("migration.ledger" in line and "does not own" in line for line in said)
         assert set(ledger_indexes(owner)) == {"ledger_pkey", "ix_migration_ledger_run_id", "ix_ledger_at"}
         schema.create_schemas(owner, schema.state_metadata, log=said.append)
-        assert set(ledger_indexes(owner)) == {"ledger_pkey", "ix_ledger_run", "ix_ledger_at"} and len(said) == 2
+        assert set(ledger_indexes(owner)) == {"ledger_pkey", "ix_ledger_run_bloom", "ix_ledger_at"} and len(said) == 2
     finally:
         if other is not None:
             other.dispose()

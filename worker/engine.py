@@ -449,11 +449,15 @@ class Migration:
                     self._commit(conn, conn_state)
                     checkpointed = time.monotonic()
                     committed = True
-                if counts.read - read_before >= next_analyze:  # at 10k, 20k, 40k … rows: O(log n) times
+                if counts.read - read_before >= next_analyze:  # at 10k, 20k, 40k … rows, until one wrote
                     next_analyze *= 2
                     if self._writes(counts) != analyzed_at:  # statistics only go stale by writes
                         self._analyze(conn, conn_state)
                         analyzed_at = self._writes(counts)
+                        # Once: what the look-ups need of the statistics stays true as the table grows (the
+                        # looked-up columns are unique; sizes come from the table's pages, ranges past
+                        # the histogram's end from the index). The run's end analyzes again.
+                        next_analyze = HIGHEST
                 if time.monotonic() - last_report >= 5:
                     self.progress(counts)
                     last_report = time.monotonic()
