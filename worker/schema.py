@@ -223,7 +223,7 @@ ledger = Table(
 RETIRED_INDEXES: dict[str, tuple[str, ...]] = {
     "ledger": ("ix_ledger_record", "ix_migration_ledger_run_id", "ix_ledger_run")
 }
-# What the control tables need of PostgreSQL (BRIN bloom indexes).
+# What the control tables need of PostgreSQL (the ledger's BRIN bloom index); the target's need less.
 POSTGRESQL_MIN = (14,)
 
 checkpoints = Table(
@@ -377,7 +377,7 @@ def create_schemas(engine: Engine, *metadatas: MetaData, log: Callable[[str], No
     with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
             version = conn.dialect.server_version_info or ()
-            if version < POSTGRESQL_MIN:
+            if version < POSTGRESQL_MIN and any(ledger in m.tables.values() for m in metadatas):
                 raise RuntimeError(
                     f"PostgreSQL {'.'.join(map(str, POSTGRESQL_MIN))} or newer is needed (the ledger's index by run is "
                     f"a BRIN bloom index); this server is {'.'.join(map(str, version))}"
