@@ -20,6 +20,7 @@ from disk, and says how much it dropped and how much stayed (pages a running pro
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import os
 import re
@@ -57,11 +58,7 @@ def resident(path: Path) -> int:
     size = path.stat().st_size
     if size == 0:
         return 0
-    c = libc(use_errno=True)
-    c.mmap.restype = ctypes.c_void_p
-    c.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    c.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    c.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    c = _memory_calls()
     descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         address = c.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, descriptor, 0)
@@ -77,6 +74,17 @@ def resident(path: Path) -> int:
             c.munmap(address, size)
     finally:
         os.close(descriptor)
+
+
+@functools.cache
+def _memory_calls() -> ctypes.CDLL:
+    """The C library with ``mmap``, ``mincore`` and ``munmap`` typed, once."""
+    c = libc(use_errno=True)
+    c.mmap.restype = ctypes.c_void_p
+    c.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    c.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    c.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return c
 
 
 def drop(paths: Iterable[Path]) -> Dropped:

@@ -25,7 +25,6 @@ from typing import NamedTuple
 
 import paramiko
 
-from worker.launch import RESIDENT_ENV
 from worker.resident import (
     CHANNEL_HELLO,
     MAX_CHANNEL_REQUEST_BYTES,
@@ -36,6 +35,7 @@ from worker.resident import (
     private_folder,
     proof,
     read_exactly,
+    resident_seconds,
 )
 
 
@@ -58,7 +58,7 @@ def resident_invocation(argv: Sequence[str]) -> Invocation | None:
             name, value = argv[position].split("=", 1)
             env[name] = value
             position += 1
-    if position >= len(argv) or not env.get(RESIDENT_ENV, "").isdigit() or int(env[RESIDENT_ENV]) <= 0:
+    if position >= len(argv) or resident_seconds(env) == 0:  # the worker's own reading of the variable
         return None
     return Invocation(env, list(argv[: position + 1]), list(argv[position + 1 :]))
 
@@ -73,18 +73,15 @@ class Offers:
     @staticmethod
     def _file(key: str) -> Path | None:
         folder = private_folder(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clinic-migrate")
-        return None if folder is None else folder / f"channel-{key}.json"
+        return None if folder is None else folder / f"channel-{key}"
 
     def recall(self, key: str) -> Offer | None:
         if key in self.known:
             return self.known[key]
         path = self._file(key)
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            if path is not None:
-                said = json.loads(path.read_text())
-                offer = Offer.parse(f"{said['port']} {said['token']}")
-                if offer is not None:
-                    self.known[key] = offer
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            if path is not None and (offer := Offer.parse(path.read_text())) is not None:
+                self.known[key] = offer
                 return offer
         return None
 
@@ -97,7 +94,7 @@ class Offers:
         with contextlib.suppress(OSError):
             fd = os.open(written, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "w") as out:
-                json.dump({"port": offer.port, "token": offer.token.hex()}, out)
+                out.write(offer.said())
             os.replace(written, path)
 
     def forget(self, key: str) -> None:

@@ -280,7 +280,7 @@ def test_a_resident_worker_over_ssh_migrates_as_a_worker_of_its_own_does(
         first = clinical.materialize("HSJ")
         assert first.success
         assert list(folder.glob("*.sock")), "no resident worker was started"
-        assert list((tmp_path / "cache" / "clinic-migrate").glob("channel-*.json")), "no channel was offered"
+        assert list((tmp_path / "cache" / "clinic-migrate").glob("channel-*")), "no channel was offered"
         again = clinical.materialize("HSJ")
         assert again.success
     finally:

@@ -22,7 +22,7 @@ import pytest
 from demo.sshd import SSHServer, running_sshd
 from resources.errors import Category, MigrationError
 from resources.processes import ChannelProcess, Process
-from resources.resident import OFFERS, offer_key, resident_invocation
+from resources.resident import OFFERS, Offers, offer_key, resident_invocation
 from resources.ssh import SSHResource
 from resources.worker import raise_for_exit
 from worker.launch import RESIDENT_ENV
@@ -313,3 +313,22 @@ def test_only_an_invocation_that_asks_for_a_resident_worker_is_one() -> None:
     assert Offer.parse("123 " + "ab" * 32) == Offer(123, bytes.fromhex("ab" * 32))
     for said in ("", "123", "0 " + "ab" * 32, "123 zz", "123 abcd", "1 2 3"):
         assert Offer.parse(said) is None
+
+
+def test_an_offer_kept_in_its_file_is_found_by_another_process_and_nothing_else_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dagster runs each step in a process of its own: an offer is kept in a file (0600, in a 0700 folder),
+    which another ``Offers`` reads as the same offer; a file that holds anything else is no offer."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    offer = Offer(4321, os.urandom(32))
+    Offers().remember("k", offer)
+    kept = tmp_path / "clinic-migrate" / "channel-k"
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert stat.S_IMODE(kept.parent.stat().st_mode) == 0o700
+    assert Offers().recall("k") == offer
+    for content in ("", "4321", '{"port": 4321}', "4321 zz", "\x00\xff"):
+        kept.write_text(content)
+        assert Offers().recall("k") is None
+    Offers().forget("k")
+    assert not kept.exists()

@@ -331,13 +331,17 @@ class Offer(NamedTuple):
     port: int
     token: bytes
 
+    def said(self) -> str:
+        """The offer as text: the port and the token, hex (what :meth:`parse` reads)."""
+        return f"{self.port} {self.token.hex()}"
+
     def line(self) -> bytes:
         """The line on a command's stderr that tells its caller (``CHANNEL_ENV``)."""
-        return f"{CHANNEL_MARKER}{self.port} {self.token.hex()}\n".encode()
+        return f"{CHANNEL_MARKER}{self.said()}\n".encode()
 
     @classmethod
     def parse(cls, said: str) -> Offer | None:
-        """What follows ``CHANNEL_MARKER`` on such a line; None for anything else."""
+        """An offer's text (what follows ``CHANNEL_MARKER`` on such a line); None for anything else."""
         try:
             port, token = said.split()
             offer = cls(int(port), bytes.fromhex(token))
