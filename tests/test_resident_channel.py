@@ -36,6 +36,7 @@ from worker.resident import (
     channel_request,
     fingerprint,
     proof,
+    resident_seconds,
 )
 from worker.resident import DIR_ENV as RESIDENT_DIR_ENV
 
@@ -310,6 +311,9 @@ def test_only_an_invocation_that_asks_for_a_resident_worker_is_one() -> None:
         ["env", f"{RESIDENT_ENV}=5"],
     ):
         assert resident_invocation(argv) is None
+    for value in ("5", "+5", " 5", "05", "0", "-5", "5s", ""):  # the worker's own reading of the variable decides
+        asks = resident_invocation(["env", f"{RESIDENT_ENV}={value}", "w", "health"]) is not None
+        assert asks == (resident_seconds({RESIDENT_ENV: value}) > 0), value
     assert Offer.parse("123 " + "ab" * 32) == Offer(123, bytes.fromhex("ab" * 32))
     for said in ("", "123", "0 " + "ab" * 32, "123 zz", "123 abcd", "1 2 3"):
         assert Offer.parse(said) is None
